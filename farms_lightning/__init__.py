@@ -1,0 +1,18 @@
+"""farms_lightning: FARMS heavy-tail eigenspectrum analysis of PyTorch weights, for Lightning."""
+
+from farms_lightning.analysis import PRESETS, analyze
+from farms_lightning.layers import DEFAULT_LAYER_TYPES, LAYER_TYPES
+from farms_lightning.powerlaw import PowerLawFit
+from farms_lightning.report import FARMSReport, LayerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_LAYER_TYPES",
+    "FARMSReport",
+    "LAYER_TYPES",
+    "LayerStats",
+    "PRESETS",
+    "PowerLawFit",
+    "analyze",
+]

@@ -1,0 +1,225 @@
+"""``analyze``: FARMS heavy-tail statistics of every weight matrix of a model.
+
+Pipeline: discover layers -> plan each layer's windows (or the reason it is skipped) -> solve all
+windows batched -> fit each pooled ESD -> metrics -> :class:`FARMSReport`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from farms_lightning.esd_metrics import METRIC_NAMES, esd_metrics
+from farms_lightning.layers import LayerMatrix, LayerTypes, Patterns, discover_layers
+from farms_lightning.powerlaw import PowerLawFit, fit_nonzero, nonzero_eigenvalues, validate_fit_args
+from farms_lightning.report import FARMSReport, LayerStats
+from farms_lightning.spectra import DTypeLike, WindowSet, compute_spectra, full_grid, resolve_dtype
+from farms_lightning.windows import WindowGrid, conv_block_shape, farms_grid, validate_window_args
+
+#: Paper settings: image classification (``cv``) and LLM pruning (``llm``).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cv": {"window": 100, "aspect_ratio": 1.0, "windows_per_dim": 9, "fit": "median"},
+    "llm": {"window": 2000, "aspect_ratio": 1.0, "windows_per_dim": 10, "fit": "peak"},
+}
+ESD_KINDS = ("farms", "full")
+#: The paper's ``conv_norm``: conv blocks are scaled by √0.5, so their eigenvalues by 0.5.
+CONV_EIGENVALUE_SCALE = 0.5
+
+
+def resolve_settings(
+    preset: str = "cv",
+    window: int | None = None,
+    aspect_ratio: float | None = None,
+    windows_per_dim: int | None = None,
+    fit: str | None = None,
+    esd: str = "farms",
+    dtype: DTypeLike = None,
+    min_eigenvalues: int = 10,
+    peak_bound: str = "reference",
+) -> dict[str, Any]:
+    """The validated analysis settings: the preset's values overridden by explicit arguments.
+
+    Raises:
+        ValueError: an unknown preset, fit or ESD kind, or a value out of range (the message names
+            the argument and the allowed values).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"`preset` must be one of {tuple(PRESETS)}, got {preset!r}")
+    if esd not in ESD_KINDS:
+        raise ValueError(f"`esd` must be one of {ESD_KINDS}, got {esd!r}")
+    given = {"window": window, "aspect_ratio": aspect_ratio, "windows_per_dim": windows_per_dim, "fit": fit}
+    settings = {**PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
+    validate_window_args(settings["window"], settings["aspect_ratio"], settings["windows_per_dim"])
+    validate_fit_args(settings["fit"], min_eigenvalues, peak_bound)
+    resolve_dtype(dtype)
+    settings.update(preset=preset, esd=esd, dtype=dtype, min_eigenvalues=min_eigenvalues, peak_bound=peak_bound)
+    return settings
+
+
+def analyze(
+    model: nn.Module,
+    preset: str = "cv",
+    *,
+    window: int | None = None,
+    aspect_ratio: float | None = None,
+    windows_per_dim: int | None = None,
+    fit: str | None = None,
+    esd: str = "farms",
+    dtype: DTypeLike = None,
+    include: Patterns = None,
+    exclude: Patterns = None,
+    layer_types: LayerTypes = None,
+    min_eigenvalues: int = 10,
+    peak_bound: str = "reference",
+) -> FARMSReport:
+    """FARMS (or plain) ESD statistics of every analysable weight matrix of ``model``.
+
+    Args:
+        model: any ``nn.Module``; its weights are read, never modified or kept.
+        preset: ``"cv"`` (m=100, Q=1, k=9, median fit) or ``"llm"`` (m=2000, Q=1, k=10, peak fit).
+        window, aspect_ratio, windows_per_dim, fit: override the preset (spec §2, §4).
+        esd: ``"farms"`` (pooled windows) or ``"full"`` (the plain ESD of each matrix).
+        dtype: ``None``/``torch.float64`` (exact float64 Gram matrices) or ``torch.float32``
+            (faster, less exact: peak fits can move by tens of percent).
+        include, exclude: ``fnmatch`` globs on layer names.
+        layer_types: kinds to analyse (default: Linear, Conv1d/2d/3d, MultiheadAttention, Conv1D;
+            add ``"Embedding"`` to include embeddings).
+        min_eigenvalues: fewest non-zero eigenvalues a fit needs.
+        peak_bound: ``"reference"`` or ``"corrected"`` lower candidate bound of the peak fit.
+
+    Returns:
+        A :class:`FARMSReport`. Layers that cannot be analysed are reported with
+        ``status="skipped"`` and layers without a fit with ``status="failed"``, each with a reason.
+
+    Raises:
+        ValueError: a bad argument (never bad weights).
+
+    Example::
+
+        >>> report = analyze(model, fit="median")
+        >>> report["features.3"].alpha
+        >>> report.to_rows()[0]["status"]
+    """
+    settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
+                                min_eigenvalues, peak_bound)
+    layers = discover_layers(model, layer_types, include, exclude)
+    owners: dict[tuple, str] = {}
+    with torch.no_grad():
+        plans: list[LayerStats | WindowSet] = [_plan(layer, settings, owners) for layer in layers]
+        spectra = _solve_all([p for p in plans if isinstance(p, WindowSet)], settings["dtype"])
+        stats = [
+            plan if isinstance(plan, LayerStats) else _fit_layer(layer, spectra[id(plan)], settings)
+            for layer, plan in zip(layers, plans)
+        ]
+    return FARMSReport(stats, settings)
+
+
+def _skipped(layer: LayerMatrix, reason: str) -> LayerStats:
+    return LayerStats(layer.name, layer.module_type, layer.shape, "skipped", reason, num_params=layer.num_params)
+
+
+def _plan(layer: LayerMatrix, settings: dict[str, Any], owners: dict[tuple, str]) -> LayerStats | WindowSet:
+    """The windows of one layer, or its ``skipped`` statistics with the reason."""
+    try:
+        if layer.is_lazy:
+            return _skipped(layer, "uninitialised (lazy) weights")
+        owner = owners.setdefault(layer.identity(), layer.name)
+        if owner != layer.name:
+            return _skipped(layer, f"shares weights with {owner}")
+        w = layer.oriented()
+        if w.is_meta:
+            return _skipped(layer, "weights on the meta device (not materialised)")
+        if not w.is_floating_point():
+            return _skipped(layer, f"non-float weights ({w.dtype})")
+        if w.numel() == 0:
+            return _skipped(layer, "empty weights")
+        if not bool(torch.isfinite(w).all()):
+            return _skipped(layer, "non-finite weights")
+        if not bool(w.any()):
+            return _skipped(layer, "all-zero weights")
+        windows = _conv_windows(w, settings) if layer.is_conv else _matrix_windows(w, settings)
+    except Exception as error:  # noqa: BLE001 - a layer never crashes the analysis
+        return LayerStats(layer.name, layer.module_type, (), "failed", f"analysis error: {error!r}")
+    if isinstance(windows, str):
+        return _skipped(layer, windows)
+    grid, matrices = windows.grid, len(windows.matrices)
+    per_group = matrices * min(grid.rows, grid.cols) * len(grid.col_starts)
+    per_group *= 1 if windows.group_by_row_start else len(grid.row_starts)
+    if per_group < settings["min_eigenvalues"]:
+        return _skipped(layer, f"too small: {per_group} eigenvalues per ESD < min_eigenvalues="
+                               f"{settings['min_eigenvalues']}")
+    return windows
+
+
+def _matrix_windows(w: torch.Tensor, settings: dict[str, Any]) -> WindowSet | str:
+    rows, cols = w.shape
+    if settings["esd"] == "full":
+        return WindowSet(w.unsqueeze(0), full_grid(rows, cols))
+    grid = farms_grid(rows, cols, settings["window"], settings["aspect_ratio"], settings["windows_per_dim"])
+    if grid is None:
+        return (f"too small for a FARMS window: {rows}x{cols} cannot hold a window of at least 2x2 "
+                f"with aspect ratio {settings['aspect_ratio']}")
+    return WindowSet(w.unsqueeze(0), grid)
+
+
+def _conv_windows(w: torch.Tensor, settings: dict[str, Any]) -> WindowSet:
+    """The paper's conv sampling (spec §3): tall kernel-position matrices cut into row blocks."""
+    matrices = w.flatten(2).permute(2, 0, 1)  # (kernel positions, out, in)
+    if matrices.shape[1] < matrices.shape[2]:
+        matrices = matrices.transpose(1, 2)
+    rows, cols = matrices.shape[1:]
+    if settings["esd"] == "full":
+        return WindowSet(matrices, full_grid(rows, cols), scale=CONV_EIGENVALUE_SCALE)
+    block_rows, block_cols, blocks = conv_block_shape(rows, cols, settings["aspect_ratio"])
+    grid = WindowGrid(block_rows, block_cols, tuple(b * block_rows for b in range(blocks)), (0,))
+    return WindowSet(matrices, grid, scale=CONV_EIGENVALUE_SCALE, group_by_row_start=True)
+
+
+def _solve_all(window_sets: list[WindowSet], dtype: DTypeLike) -> dict[int, list[torch.Tensor] | Exception]:
+    """Eigenvalues of every set, batched; on an error, set by set so one bad layer fails alone."""
+    try:
+        return {id(ws): ev for ws, ev in zip(window_sets, compute_spectra(window_sets, dtype))}
+    except Exception:  # noqa: BLE001
+        out: dict[int, list[torch.Tensor] | Exception] = {}
+        for ws in window_sets:
+            try:
+                out[id(ws)] = compute_spectra([ws], dtype)[0]
+            except Exception as error:  # noqa: BLE001
+                out[id(ws)] = error
+        return out
+
+
+def _fit_layer(layer: LayerMatrix, spectra: list[torch.Tensor] | Exception, settings: dict[str, Any]) -> LayerStats:
+    """Fit every group's ESD; a conv layer's statistics are the block means (counts: totals)."""
+    base = {"name": layer.name, "type": layer.module_type, "shape": layer.shape, "num_params": layer.num_params}
+    if isinstance(spectra, Exception):
+        return LayerStats(**base, status="failed", reason=f"eigenvalue error: {spectra!r}")
+    fits: list[PowerLawFit] = []
+    metrics: list[dict[str, float | None]] = []
+    for ev in spectra:
+        values, dropped = nonzero_eigenvalues(ev)
+        fit = fit_nonzero(values, dropped, settings["fit"], settings["min_eigenvalues"], settings["peak_bound"])
+        fits.append(fit)
+        metrics.append(esd_metrics(values, fit.alpha))
+    counts = {"num_evals": sum(f.num_evals for f in fits), "num_dropped": sum(f.num_dropped for f in fits)}
+    spectral = {name: _mean([m[name] for m in metrics]) for name in METRIC_NAMES}
+    bad = [(b, f) for b, f in enumerate(fits) if f.status != "ok"]
+    if bad:
+        block, fit = bad[0]
+        reason = fit.reason if len(fits) == 1 else f"block {block + 1} of {len(fits)}: {fit.reason}"
+        spectral.update(alpha_weighted=None, log_alpha_norm=None)
+        return LayerStats(**base, status="failed", reason=reason, **counts, **spectral)
+    return LayerStats(
+        **base, status="ok", reason="",
+        alpha=_mean([f.alpha for f in fits]), xmin=_mean([f.xmin for f in fits]), D=_mean([f.D for f in fits]),
+        **counts, **spectral,
+    )
+
+
+def _mean(values: list[Union[float, None]]) -> float | None:
+    if not values or any(v is None for v in values):
+        return None
+    return values[0] if len(values) == 1 else statistics.fmean(values)  # type: ignore[arg-type]

@@ -1,0 +1,200 @@
+"""Eigenvalues of weight windows, batched: FARMS pooled ESDs (spec §2) and plain full ESDs.
+
+Every window ``X`` gives the ``min(rows, cols)`` eigenvalues of its smaller Gram matrix
+(``X Xᵀ`` or ``Xᵀ X``), i.e. its squared singular values. By default the Gram matrix and its
+eigenvalues are computed in float64 from the weights as stored (bf16/fp16/fp32 upcast exactly):
+measured on real weights, float32 Gram matrices move peak-fit alphas by 10-40%, while a float64 Gram
+of float32 windows matches a float64 SVD to ~1e-14. ``dtype=torch.float32`` is the documented fast,
+less exact mode. Windows of equal shape are solved together, across layers, in memory-bounded chunks,
+on the weights' device. Weights are only read (indexing copies them); no reference is kept.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+
+from farms_lightning.windows import WindowGrid, farms_grid, validate_window_args
+
+DTypeLike = Union[torch.dtype, str, None]
+
+#: Upper bound on the float64 elements of the windows plus Gram matrices held at once per chunk.
+CHUNK_ELEMENTS = 1 << 25
+
+
+def resolve_dtype(dtype: DTypeLike) -> torch.dtype:
+    """The Gram/eigen-solver dtype: float64 unless the fast float32 mode is asked for."""
+    if dtype is None:
+        return torch.float64
+    if isinstance(dtype, str):
+        dtype = {"float64": torch.float64, "double": torch.float64, "float32": torch.float32,
+                 "float": torch.float32}.get(dtype.removeprefix("torch."), dtype)  # type: ignore[arg-type]
+    if dtype in (torch.float64, torch.float32):
+        return dtype  # type: ignore[return-value]
+    raise ValueError(f"`dtype` must be None, torch.float64 or torch.float32, got {dtype!r}")
+
+
+@dataclass
+class WindowSet:
+    """Windows cut from a stack of same-shaped matrices with one grid.
+
+    ``matrices`` is ``(P, R, C)``: one matrix (P = 1) or the kernel-position matrices of a conv.
+    Every ``(p, row_start, col_start)`` gives one window. Eigenvalues are pooled per *group*: all
+    windows together, or (``group_by_row_start``) one group per row start (the conv blocks of §3).
+    Eigenvalues are multiplied by ``scale``.
+    """
+
+    matrices: torch.Tensor
+    grid: WindowGrid
+    scale: float = 1.0
+    group_by_row_start: bool = False
+    pieces: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.grid.row_starts) if self.group_by_row_start else 1
+
+    def window_index(self) -> torch.Tensor:
+        """``(num_windows, 3)`` rows of (matrix, row start index, col start index)."""
+        p, r, c = len(self.matrices), len(self.grid.row_starts), len(self.grid.col_starts)
+        return torch.cartesian_prod(torch.arange(p), torch.arange(r), torch.arange(c)).reshape(-1, 3)
+
+    def extract(self, index: torch.Tensor) -> torch.Tensor:
+        """The windows named by ``index`` rows, as a ``(B, rows, cols)`` copy."""
+        device = self.matrices.device
+        row_starts = torch.tensor(self.grid.row_starts, device=device)[index[:, 1].to(device)]
+        col_starts = torch.tensor(self.grid.col_starts, device=device)[index[:, 2].to(device)]
+        rows = row_starts[:, None] + torch.arange(self.grid.rows, device=device)
+        cols = col_starts[:, None] + torch.arange(self.grid.cols, device=device)
+        mats = index[:, 0].to(device)
+        return self.matrices[mats[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+    def eigenvalues(self) -> list[torch.Tensor]:
+        """Per group, the pooled eigenvalues sorted ascending (float64, CPU)."""
+        out = []
+        for g in range(self.num_groups):
+            parts = self.pieces.get(g, [])
+            ev = torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)
+            out.append(torch.sort(ev * self.scale).values if self.scale != 1.0 else torch.sort(ev).values)
+        return out
+
+
+def gram_eigenvalues(windows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Eigenvalues (ascending, >= 0) of the smaller Gram matrix of each ``(B, r, c)`` window."""
+    x = windows.to(dtype)
+    gram = x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
+    return torch.linalg.eigvalsh(gram).clamp_min_(0)
+
+
+def compute_spectra(window_sets: list[WindowSet], dtype: DTypeLike = None) -> list[list[torch.Tensor]]:
+    """Solve all windows of all sets, batching windows of equal shape across sets.
+
+    Returns, for each set, the sorted float64 eigenvalues of each of its groups.
+    """
+    solver_dtype = resolve_dtype(dtype)
+    by_shape: dict[tuple, list[tuple[WindowSet, torch.Tensor]]] = defaultdict(list)
+    for ws in window_sets:
+        ws.pieces = defaultdict(list)
+        key = (ws.grid.rows, ws.grid.cols, ws.matrices.device)
+        by_shape[key].append((ws, ws.window_index()))
+    for (rows, cols, _), members in by_shape.items():
+        per_window = rows * cols + min(rows, cols) ** 2
+        batch = max(1, CHUNK_ELEMENTS // per_window)
+        # Work list of (set, index rows) slices, cut into batches of at most `batch` windows.
+        pending: list[tuple[WindowSet, torch.Tensor]] = []
+        size = 0
+        for ws, index in members:
+            for start in range(0, len(index), batch):
+                part = index[start:start + batch]
+                if size + len(part) > batch:
+                    _solve(pending, solver_dtype)
+                    pending, size = [], 0
+                pending.append((ws, part))
+                size += len(part)
+        _solve(pending, solver_dtype)
+    return [ws.eigenvalues() for ws in window_sets]
+
+
+def _solve(pending: list[tuple[WindowSet, torch.Tensor]], dtype: torch.dtype) -> None:
+    if not pending:
+        return
+    windows = torch.cat([ws.extract(index) for ws, index in pending])
+    ev = gram_eigenvalues(windows, dtype).to(device="cpu", dtype=torch.float64)
+    offset = 0
+    for ws, index in pending:
+        block = ev[offset:offset + len(index)]
+        offset += len(index)
+        groups = index[:, 1] if ws.group_by_row_start else torch.zeros(len(index), dtype=torch.long)
+        for g in torch.unique(groups).tolist():
+            ws.pieces[g].append(block[groups == g].reshape(-1))
+
+
+def _check_matrix(w: torch.Tensor) -> torch.Tensor:
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"expected one 2-D weight tensor, got {shape}")
+    return w.detach()
+
+
+def farms_eigenvalues(
+    w: torch.Tensor,
+    window: int = 100,
+    aspect_ratio: float = 1.0,
+    windows_per_dim: int = 9,
+    dtype: DTypeLike = None,
+) -> torch.Tensor:
+    """Pooled FARMS eigenvalues of one 2-D matrix (spec §2), sorted ascending, float64, zeros kept.
+
+    Args:
+        w: a 2-D tensor, any float dtype and device; read only.
+        window: window rows ``m`` (clamped to fit the matrix).
+        aspect_ratio: ``Q = cols / rows`` of a window; window cols are ``int(m * Q)``.
+        windows_per_dim: ``k`` window starts per dimension (``k x k`` windows at most).
+        dtype: ``None`` (float64 Gram matrices, exact) or ``torch.float32`` (fast, less exact).
+
+    Returns:
+        A 1-D float64 CPU tensor; empty when the matrix cannot hold a 2 x 2 window.
+
+    Raises:
+        ValueError: ``w`` is not 2-D, or a setting is out of range.
+
+    Example::
+
+        >>> ev = farms_eigenvalues(torch.randn(300, 200), window=100, windows_per_dim=3)
+        >>> ev.shape
+        torch.Size([900])
+    """
+    w = _check_matrix(w)
+    validate_window_args(window, aspect_ratio, windows_per_dim)
+    grid = farms_grid(w.shape[0], w.shape[1], window, aspect_ratio, windows_per_dim)
+    if grid is None:
+        resolve_dtype(dtype)
+        return torch.empty(0, dtype=torch.float64)
+    with torch.no_grad():
+        return compute_spectra([WindowSet(w.unsqueeze(0), grid)], dtype)[0][0]
+
+
+def full_grid(rows: int, cols: int) -> WindowGrid:
+    """One window covering the whole matrix: the plain (non-FARMS) ESD."""
+    return WindowGrid(rows=rows, cols=cols, row_starts=(0,), col_starts=(0,))
+
+
+def full_eigenvalues(w: torch.Tensor, dtype: DTypeLike = None) -> torch.Tensor:
+    """The plain ESD of one 2-D matrix: its ``min(rows, cols)`` squared singular values.
+
+    Sorted ascending, float64, CPU, zeros kept. Raises ``ValueError`` unless ``w`` is 2-D.
+
+    Example::
+
+        >>> full_eigenvalues(torch.eye(3)).tolist()
+        [1.0, 1.0, 1.0]
+    """
+    w = _check_matrix(w)
+    if w.numel() == 0:
+        resolve_dtype(dtype)
+        return torch.empty(0, dtype=torch.float64)
+    with torch.no_grad():
+        return compute_spectra([WindowSet(w.unsqueeze(0), full_grid(*w.shape))], dtype)[0][0]
