@@ -14,7 +14,13 @@ from torch import nn
 
 from farms_lightning.esd_metrics import METRIC_NAMES, esd_metrics
 from farms_lightning.layers import LayerMatrix, LayerTypes, Patterns, discover_layers
-from farms_lightning.powerlaw import PowerLawFit, fit_nonzero, nonzero_eigenvalues, validate_fit_args
+from farms_lightning.powerlaw import (
+    PowerLawFit,
+    fit_nonzero,
+    flat_tolerance_for,
+    nonzero_eigenvalues,
+    validate_fit_args,
+)
 from farms_lightning.report import FARMSReport, LayerStats
 from farms_lightning.spectra import DTypeLike, WindowSet, compute_spectra, full_grid, resolve_dtype
 from farms_lightning.windows import WindowGrid, conv_block_shape, farms_grid, validate_window_args
@@ -111,7 +117,8 @@ def analyze(
         plans: list[LayerStats | WindowSet] = [_plan(layer, settings, owners) for layer in layers]
         spectra = _solve_all([p for p in plans if isinstance(p, WindowSet)], settings["dtype"])
         stats = [
-            plan if isinstance(plan, LayerStats) else _fit_layer(layer, spectra[id(plan)], settings)
+            plan if isinstance(plan, LayerStats)
+            else _fit_layer(layer, spectra[id(plan)], plan.matrices.dtype, settings)
             for layer, plan in zip(layers, plans)
         ]
     return FARMSReport(stats, settings)
@@ -192,7 +199,9 @@ def _solve_all(window_sets: list[WindowSet], dtype: DTypeLike) -> dict[int, list
         return out
 
 
-def _fit_layer(layer: LayerMatrix, spectra: list[torch.Tensor] | Exception, settings: dict[str, Any]) -> LayerStats:
+def _fit_layer(
+    layer: LayerMatrix, spectra: list[torch.Tensor] | Exception, weight_dtype: torch.dtype, settings: dict[str, Any]
+) -> LayerStats:
     """Fit every group's ESD; a conv layer's statistics are the block means (counts: totals)."""
     base = {"name": layer.name, "type": layer.module_type, "shape": layer.shape, "num_params": layer.num_params}
     if isinstance(spectra, Exception):
@@ -201,7 +210,8 @@ def _fit_layer(layer: LayerMatrix, spectra: list[torch.Tensor] | Exception, sett
     metrics: list[dict[str, float | None]] = []
     for ev in spectra:
         values, dropped = nonzero_eigenvalues(ev)
-        fit = fit_nonzero(values, dropped, settings["fit"], settings["min_eigenvalues"], settings["peak_bound"])
+        fit = fit_nonzero(values, dropped, settings["fit"], settings["min_eigenvalues"], settings["peak_bound"],
+                          flat_tolerance_for(weight_dtype))
         fits.append(fit)
         metrics.append(esd_metrics(values, fit.alpha))
     counts = {"num_evals": sum(f.num_evals for f in fits), "num_dropped": sum(f.num_dropped for f in fits)}

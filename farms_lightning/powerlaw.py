@@ -20,8 +20,22 @@ FIT_METHODS = ("median", "ks", "peak")
 PEAK_BOUNDS = ("reference", "corrected")
 #: Eigenvalues at or below this fraction of the largest are numerically zero and dropped.
 ZERO_TOLERANCE = 1e-12
-#: A tail whose values all lie within this relative spread of xmin is flat: no power law.
+#: A tail whose values all lie within this relative spread of xmin is flat: no power law (spec §4).
 FLAT_TOLERANCE = 1e-9
+
+
+def flat_tolerance_for(weight_dtype: torch.dtype) -> float:
+    """The flat-spectrum tolerance for eigenvalues of weights stored in ``weight_dtype``.
+
+    An orthogonal matrix is only orthogonal to its storage precision: built in float32 (QR in
+    float32) its λ spread by up to ~40 ulps (5e-6 at 2000x2000), cast to bf16/fp16 by ~1.2 ulps of
+    that format. The spec's 1e-9 would call such a layer "fitted" with alpha ~1e6, so below
+    float64 the tolerance is ``max(64·eps(float32), 4·eps(dtype))``. No real power-law tail is
+    that narrow (it would mean alpha > 1e5).
+    """
+    if weight_dtype == torch.float64 or not weight_dtype.is_floating_point:
+        return FLAT_TOLERANCE
+    return max(64 * torch.finfo(torch.float32).eps, 4 * torch.finfo(weight_dtype).eps)
 #: Elements of one temporary (candidates x points) block in the distance scan.
 SCAN_CHUNK = 1 << 22
 #: Sample counts of the successive pruning passes of the ks/peak scan.
@@ -80,6 +94,7 @@ def fit_power_law(
     method: str = "median",
     min_eigenvalues: int = 10,
     peak_bound: str = "reference",
+    flat_tolerance: float = FLAT_TOLERANCE,
 ) -> PowerLawFit:
     """Fit the power-law tail of an ESD as the FARMS/TempBalance/WeightWatcher references do.
 
@@ -90,6 +105,8 @@ def fit_power_law(
         min_eigenvalues: fewest non-zero eigenvalues a fit needs.
         peak_bound: ``"reference"`` reproduces the references' lower candidate bound
             ``log10(0.95·peak)``; ``"corrected"`` uses ``0.95·peak``.
+        flat_tolerance: a tail whose values lie within this relative spread is "flat" (no power
+            law); :func:`analyze` widens it to the precision of low-precision weights.
 
     Returns:
         A :class:`PowerLawFit`; data problems give ``status="failed"``, never an exception.
@@ -105,11 +122,16 @@ def fit_power_law(
     """
     validate_fit_args(method, min_eigenvalues, peak_bound)
     values, dropped = nonzero_eigenvalues(ev)
-    return fit_nonzero(values, dropped, method, min_eigenvalues, peak_bound)
+    return fit_nonzero(values, dropped, method, min_eigenvalues, peak_bound, flat_tolerance)
 
 
 def fit_nonzero(
-    values: torch.Tensor, dropped: int, method: str, min_eigenvalues: int, peak_bound: str
+    values: torch.Tensor,
+    dropped: int,
+    method: str,
+    min_eigenvalues: int,
+    peak_bound: str,
+    flat_tolerance: float = FLAT_TOLERANCE,
 ) -> PowerLawFit:
     """:func:`fit_power_law` on the output of :func:`nonzero_eigenvalues` (arguments validated)."""
     n = len(values)
@@ -121,7 +143,7 @@ def fit_nonzero(
         return failed("non-finite eigenvalues", 0)
     if n < min_eigenvalues:
         return failed(f"too few eigenvalues: {n} < min_eigenvalues={min_eigenvalues}")
-    tail = _TailStatistics(values)
+    tail = _TailStatistics(values, flat_tolerance)
     if method == "median":
         candidates = torch.tensor([n // 2])
     elif method == "ks":
@@ -167,7 +189,7 @@ def _peak_candidates(values: torch.Tensor, peak_bound: str) -> torch.Tensor:
 class _TailStatistics:
     """Hill exponents of every candidate xmin of a sorted positive ESD, and their distances D."""
 
-    def __init__(self, values: torch.Tensor) -> None:
+    def __init__(self, values: torch.Tensor, flat_tolerance: float) -> None:
         n = len(values)
         self.logs = torch.log(values)
         self.count = torch.arange(n, 0, -1, dtype=torch.float64)  # n_i = N - i
@@ -175,7 +197,7 @@ class _TailStatistics:
         steps = torch.log1p(torch.diff(values) / values[:-1]) * self.count[1:]
         sums = torch.zeros(n, dtype=torch.float64)
         sums[:-1] = torch.flip(torch.cumsum(torch.flip(steps, [0]), 0), [0])
-        self.flat = values[-1] <= values * (1 + FLAT_TOLERANCE)
+        self.flat = values[-1] <= values * (1 + flat_tolerance)
         self.alpha = 1 + self.count / sums  # inf where the tail is flat
 
     def fittable(self, idx: torch.Tensor) -> torch.Tensor:

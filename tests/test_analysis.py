@@ -1,0 +1,187 @@
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from conftest import gaussian, heavy_tailed
+from torch import nn
+
+import reference as ref
+from farms_lightning import analyze
+
+ROW_KEYS = {
+    "name", "type", "shape", "status", "reason", "alpha", "xmin", "D", "num_evals", "num_dropped", "lambda_max",
+    "log_spectral_norm", "norm", "log_norm", "alpha_weighted", "log_alpha_norm", "stable_rank", "entropy",
+    "num_params",
+}
+SUMMARY_KEYS = {
+    "alpha_mean", "alpha_median", "alpha_weighted_mean", "num_layers", "num_fitted", "num_skipped", "num_failed",
+    "num_under_trained", "num_over_trained",
+}
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 48, 3), nn.ReLU(), nn.Conv2d(48, 24, 1),
+        nn.Conv1d(24, 40, 5), nn.Flatten(), nn.Linear(300, 180), nn.ReLU(), nn.Linear(180, 10),
+    )
+    with torch.no_grad():  # heavy-tailed weights, like trained ones
+        for i, p in enumerate(model.parameters()):
+            if p.dim() > 1:
+                p.copy_(heavy_tailed(p.shape[0], p[0].numel(), seed=seed + i).reshape(p.shape))
+    return model
+
+
+def reference_layer(w: torch.Tensor, esd: str, fit: str, m=100, q=1.0, k=9) -> dict:
+    """Spec-level expectations for one layer: alpha (block mean for convs) and spectral metrics."""
+    w = w.detach().double().numpy()
+    if w.ndim > 2:
+        spectra = ref.conv_block_eigs(w, q) if esd == "farms" else [ref.conv_full_eigs(w)]
+    else:
+        spectra = [ref.farms_eigs(w, m, q, k) if esd == "farms" else ref.full_eigs(w)]
+    fits = [ref.fit(ev, fit) for ev in spectra]
+    out = {"ok": all(f["ok"] for f in fits), "num_evals": sum(f["num_evals"] for f in fits)}
+    if out["ok"]:
+        out["alpha"] = statistics.fmean(f["alpha"] for f in fits)
+        per_block = []
+        for f, ev in zip(fits, spectra):
+            ev = ev[ev > 1e-12 * ev[-1]]
+            p = ev / ev.sum()
+            per_block.append({
+                "lambda_max": ev[-1], "norm": ev.sum(), "stable_rank": ev.sum() / ev[-1],
+                "alpha_weighted": f["alpha"] * np.log10(ev[-1]),
+                "log_alpha_norm": np.log10(np.sum(ev ** f["alpha"])),
+                "entropy": -np.sum(p * np.log(p)) / np.log(len(ev)),
+            })
+        for key in per_block[0]:
+            out[key] = statistics.fmean(b[key] for b in per_block)
+    return out
+
+
+@pytest.mark.parametrize("esd", ["farms", "full"])
+@pytest.mark.parametrize("fit", ["median", "ks", "peak"])
+def test_analyze_matches_the_reference_per_layer(esd, fit):
+    model = small_cnn()
+    report = analyze(model, fit=fit, esd=esd, dtype=torch.float64)
+    weights = [m.weight for m in model if hasattr(m, "weight")]
+    assert len(report) == len(weights) == 6
+    for stats, w in zip(report.values(), weights):
+        expected = reference_layer(w, esd, fit)
+        assert stats.num_evals == expected["num_evals"]
+        assert stats.status == ("ok" if expected["ok"] else "failed"), stats.reason
+        if expected["ok"]:
+            for key in ("alpha", "lambda_max", "norm", "stable_rank", "alpha_weighted", "log_alpha_norm", "entropy"):
+                assert getattr(stats, key) == pytest.approx(expected[key], rel=1e-9), key
+    default = analyze(model, fit=fit, esd=esd)
+    for a, b in zip(default.values(), report.values()):
+        if b.alpha is not None:
+            assert a.alpha == pytest.approx(b.alpha, rel=1e-6)
+
+
+def test_rows_summary_and_table():
+    model = small_cnn()
+    report = analyze(model, exclude="5")
+    rows = report.to_rows()
+    assert [r["name"] for r in rows] == ["0", "2", "4", "7", "9"]  # "5" excluded: not in the rows
+    assert all(set(r) == ROW_KEYS for r in rows)
+    assert rows[0]["type"] == "Conv2d" and rows[0]["shape"] == [16, 3, 3, 3] and rows[0]["num_params"] == 432
+    assert set(report.summary) == SUMMARY_KEYS
+    alphas = [r["alpha"] for r in rows]
+    assert report.summary["alpha_mean"] == pytest.approx(statistics.fmean(alphas))
+    assert report.summary["alpha_median"] == pytest.approx(statistics.median(alphas))
+    assert report.summary["num_fitted"] == 5 and report.summary["num_layers"] == 5
+    assert report["7"].alpha == rows[3]["alpha"]
+    assert "7" in report.to_table()
+
+
+def test_presets_and_overrides():
+    model = nn.Sequential(nn.Linear(300, 250))
+    w = model[0].weight
+    llm = analyze(model, "llm")
+    assert llm.settings["window"] == 2000 and llm.settings["fit"] == "peak"
+    assert llm["0"].alpha == pytest.approx(ref.fit(ref.farms_eigs(w.detach().numpy(), 2000, 1.0, 10), "peak")["alpha"], rel=1e-9)
+    custom = analyze(model, window=50, aspect_ratio=2.0, windows_per_dim=3, fit="ks")
+    assert custom["0"].alpha == pytest.approx(ref.fit(ref.farms_eigs(w.detach().numpy(), 50, 2.0, 3), "ks")["alpha"], rel=1e-9)
+
+
+def test_bad_layers_get_a_reason_never_an_exception():
+    g = torch.Generator().manual_seed(0)
+    model = nn.ModuleDict({
+        "nan": nn.Linear(200, 200), "zeros": nn.Linear(200, 200), "tiny": nn.Linear(3, 3),
+        "thin": nn.Linear(100000, 1), "orthogonal": nn.Linear(64, 64), "lazy": nn.LazyLinear(10),
+        "meta": nn.Linear(50, 50, device="meta"), "low_rank": nn.Linear(100, 100), "good": nn.Linear(200, 200),
+    })
+    with torch.no_grad():
+        model["nan"].weight[3, 4] = math.nan
+        model["zeros"].weight.zero_()
+        nn.init.orthogonal_(model["orthogonal"].weight)
+        model["low_rank"].weight.copy_(torch.randn(100, 30, generator=g) @ torch.randn(30, 100, generator=g))
+    report = analyze(model)
+    status = {name: (s.status, s.reason) for name, s in report.items()}
+    assert status["nan"] == ("skipped", "non-finite weights")
+    assert status["zeros"] == ("skipped", "all-zero weights")
+    assert status["tiny"][0] == "skipped" and "too small" in status["tiny"][1]
+    assert status["thin"][0] == "skipped" and "too small" in status["thin"][1]
+    assert status["orthogonal"][0] == "failed" and "flat spectrum" in status["orthogonal"][1]
+    assert status["lazy"] == ("skipped", "uninitialised (lazy) weights")
+    assert status["meta"][0] == "skipped" and "meta" in status["meta"][1]
+    assert status["good"] == ("ok", "")
+    low = report["low_rank"]
+    assert low.status == "ok" and low.num_dropped == 70 and low.num_evals == 30
+    expected = ref.fit(ref.farms_eigs(model["low_rank"].weight.detach().numpy()), "median")
+    assert low.alpha == pytest.approx(expected["alpha"], rel=1e-6) and expected["num_dropped"] == 70
+    assert report.summary["num_skipped"] == 6 and report.summary["num_failed"] == 1
+    for s in report.values():
+        assert (s.status == "ok") == (s.alpha is not None)
+
+
+def test_bad_arguments_raise_value_errors_naming_them():
+    model = nn.Linear(10, 10)
+    for kwargs, name in [({"window": 1}, "window"), ({"aspect_ratio": 0}, "aspect_ratio"),
+                         ({"aspect_ratio": -1.0}, "aspect_ratio"), ({"windows_per_dim": 0}, "windows_per_dim"),
+                         ({"fit": "mle"}, "fit"), ({"esd": "pooled"}, "esd"), ({"preset": "nlp"}, "preset"),
+                         ({"min_eigenvalues": 1}, "min_eigenvalues"), ({"dtype": torch.int8}, "dtype"),
+                         ({"peak_bound": "x"}, "peak_bound"), ({"layer_types": ["Dense"]}, "layer_types")]:
+        with pytest.raises(ValueError, match=name):
+            analyze(model, **kwargs)
+
+
+def test_analysis_leaves_the_model_untouched():
+    model = small_cnn()
+    model[2].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.requires_grad for p in model.parameters()]
+    rng_state = torch.get_rng_state()
+    report = analyze(model, fit="peak")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert all(p.grad is None for p in model.parameters())
+    assert report.summary["num_fitted"] == 6
+
+
+def test_farms_removes_the_aspect_ratio_bias():
+    """Spec §8: full-ESD alpha grows with the aspect ratio, FARMS alpha does not."""
+    shapes = [(256, 256), (512, 256), (1024, 256), (2048, 256), (256, 1024)]
+    full, farms = [], []
+    for shape in shapes:
+        model = nn.Linear(shape[1], shape[0], bias=False)
+        with torch.no_grad():
+            model.weight.copy_(gaussian(*shape, seed=shape[0] + shape[1]))
+        full.append(analyze(model, esd="full", fit="median")[""].alpha)
+        farms.append(analyze(model, window=128, aspect_ratio=1.0, windows_per_dim=10, fit="median")[""].alpha)
+    assert max(full) - min(full) > 1.5
+    assert all(abs(a - farms[0]) <= 0.03 for a in farms), farms
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_orthogonal_layers_are_flat_in_every_precision(dtype):
+    model = nn.Sequential(nn.Linear(100, 100), nn.Linear(64, 128))
+    for layer in model:
+        nn.init.orthogonal_(layer.weight)
+    model.to(dtype)
+    report = analyze(model)
+    for name in ("0", "1"):
+        assert report[name].status == "failed" and "flat spectrum" in report[name].reason
