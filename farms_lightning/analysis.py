@@ -7,7 +7,7 @@ windows batched -> fit each pooled ESD -> metrics -> :class:`FARMSReport`.
 from __future__ import annotations
 
 import statistics
-from typing import Any, Union
+from typing import Any, Collection, Union
 
 import torch
 from torch import nn
@@ -80,6 +80,7 @@ def analyze(
     layer_types: LayerTypes = None,
     min_eigenvalues: int = 10,
     peak_bound: str = "reference",
+    keep_eigenvalues: bool = False,
 ) -> FARMSReport:
     """FARMS (or plain) ESD statistics of every analysable weight matrix of ``model``.
 
@@ -95,6 +96,8 @@ def analyze(
             add ``"Embedding"`` to include embeddings).
         min_eigenvalues: fewest non-zero eigenvalues a fit needs.
         peak_bound: ``"reference"`` or ``"corrected"`` lower candidate bound of the peak fit.
+        keep_eigenvalues: keep each analysed layer's sorted ESDs in ``report.eigenvalues``
+            (one tensor per conv block), e.g. for plots.
 
     Returns:
         A :class:`FARMSReport`. Layers that cannot be analysed are reported with
@@ -112,28 +115,51 @@ def analyze(
     settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
                                 min_eigenvalues, peak_bound)
     layers = discover_layers(model, layer_types, include, exclude)
+    stats, eigenvalues = analyze_layers(layers, settings, keep_eigenvalues=keep_eigenvalues)
+    return FARMSReport(stats, settings, eigenvalues)  # type: ignore[arg-type]
+
+
+def analyze_layers(
+    layers: list[LayerMatrix],
+    settings: dict[str, Any],
+    assigned: Collection[int] | None = None,
+    keep_eigenvalues: bool = False,
+) -> tuple[list[LayerStats | None], dict[str, list[torch.Tensor]]]:
+    """Statistics of ``layers`` (those at ``assigned`` positions only; ``None`` elsewhere).
+
+    Weight sharing is resolved over all layers, so every subset agrees with a whole analysis.
+    With ``keep_eigenvalues`` also returns each fitted layer's ESDs (one per conv block) by name.
+    """
     owners: dict[tuple, str] = {}
+    todo = set(range(len(layers))) if assigned is None else set(assigned)
+    eigenvalues: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
-        plans: list[LayerStats | WindowSet] = [_plan(layer, settings, owners) for layer in layers]
+        plans = [_plan(layer, settings, owners, i in todo) for i, layer in enumerate(layers)]
         spectra = _solve_all([p for p in plans if isinstance(p, WindowSet)], settings["dtype"])
-        stats = [
-            plan if isinstance(plan, LayerStats)
-            else _fit_layer(layer, spectra[id(plan)], plan.matrices.dtype, settings)
-            for layer, plan in zip(layers, plans)
-        ]
-    return FARMSReport(stats, settings)
+        stats: list[LayerStats | None] = []
+        for layer, plan in zip(layers, plans):
+            if isinstance(plan, WindowSet):
+                if keep_eigenvalues and not isinstance(spectra[id(plan)], Exception):
+                    eigenvalues[layer.name] = spectra[id(plan)]  # type: ignore[assignment]
+                plan = _fit_layer(layer, spectra[id(plan)], plan.matrices.dtype, settings)
+            stats.append(plan)
+    return stats, eigenvalues
 
 
 def _skipped(layer: LayerMatrix, reason: str) -> LayerStats:
     return LayerStats(layer.name, layer.module_type, layer.shape, "skipped", reason, num_params=layer.num_params)
 
 
-def _plan(layer: LayerMatrix, settings: dict[str, Any], owners: dict[tuple, str]) -> LayerStats | WindowSet:
-    """The windows of one layer, or its ``skipped`` statistics with the reason."""
+def _plan(
+    layer: LayerMatrix, settings: dict[str, Any], owners: dict[tuple, str], wanted: bool = True
+) -> LayerStats | WindowSet | None:
+    """The windows of one layer, its ``skipped`` statistics with the reason, or ``None`` if unwanted."""
     try:
         if layer.is_lazy:
-            return _skipped(layer, "uninitialised (lazy) weights")
+            return _skipped(layer, "uninitialised (lazy) weights") if wanted else None
         owner = owners.setdefault(layer.identity(), layer.name)
+        if not wanted:
+            return None
         if owner != layer.name:
             return _skipped(layer, f"shares weights with {owner}")
         w = layer.oriented()

@@ -7,6 +7,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Mapping
 
+import torch
+
 #: Alpha thresholds of WeightWatcher's labels.
 OVER_TRAINED_ALPHA = 2.0
 UNDER_TRAINED_ALPHA = 6.0
@@ -57,9 +59,16 @@ class FARMSReport(Mapping[str, LayerStats]):
         >>> print(report.to_table())
     """
 
-    def __init__(self, layers: list[LayerStats], settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        layers: list[LayerStats],
+        settings: Mapping[str, Any],
+        eigenvalues: Mapping[str, list[torch.Tensor]] | None = None,
+    ) -> None:
         self.layers: tuple[LayerStats, ...] = tuple(layers)
         self.settings: dict[str, Any] = dict(settings)
+        #: Sorted ESDs by layer name (one per conv block), when the analysis kept them.
+        self.eigenvalues: dict[str, list[torch.Tensor]] = dict(eigenvalues or {})
         self._by_name = {layer.name: layer for layer in self.layers}
         self.summary: dict[str, float | int] = summarize(self.layers)
 

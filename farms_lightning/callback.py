@@ -1,0 +1,262 @@
+"""``FARMSCallback``: FARMS heavy-tail statistics of the model during Lightning training."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from farms_lightning.analysis import resolve_settings
+from farms_lightning.distributed import analyze_distributed
+from farms_lightning.esd_metrics import METRIC_NAMES
+from farms_lightning.report import FARMSReport
+
+#: Per-layer statistics that can be logged as scalars.
+LOGGABLE_METRICS = ("alpha", "xmin", "D", "num_evals", *METRIC_NAMES)
+HISTORY_FORMATS = ("json", "csv")
+UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
+
+
+class FARMSCallback(Callback):
+    r"""Compute FARMS statistics of every weight matrix during training and log them.
+
+    By default the model is analysed before training (``on_train_start``; not repeated on resume)
+    and at the end of every training epoch, never during validation or sanity checks. Per-layer
+    scalars (``farms/alpha/<layer>``, ...) and the model summary (``farms/alpha_mean``, ...,
+    ``farms/time_s``) go through ``pl_module.log`` on every rank, so they reach every logger and
+    ``trainer.callback_metrics`` (monitorable by ``EarlyStopping``/``ModelCheckpoint``). TensorBoard
+    also gets a histogram of the layer alphas and, optionally, ESD and alpha-per-layer figures.
+    Under DDP the layers are split across ranks and the results gathered (one collective).
+
+    Args:
+        preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype, include, exclude,
+            layer_types, min_eigenvalues, peak_bound: engine options, as for
+            :func:`farms_lightning.analyze` (``dtype`` as a string: ``"float64"``/``"float32"``).
+        every_n_epochs: analyse at the end of every n-th training epoch (``None``/0: never).
+        every_n_steps: also analyse after every n-th optimizer step (``None``: never).
+        analyze_on_train_start: analyse the initial weights before the first step.
+        log_metrics: per-layer statistics logged as scalars (among ``LOGGABLE_METRICS``).
+        log_summary: log the model summary scalars and ``time_s``.
+        log_histogram: log a TensorBoard histogram of the layer alphas.
+        log_figures: log TensorBoard figures (needs matplotlib).
+        print_summary: print the last analysis as a table at the end of fit (rank zero).
+        save_history: also write the history as ``"json"`` or ``"csv"`` into the log dir.
+        prefix: the first component of every logged key.
+
+    Raises:
+        ValueError: a bad engine option or argument.
+        MisconfigurationException: in ``setup``, a sharded strategy (FSDP, DeepSpeed) whose ranks
+            do not hold full weights, or ``log_figures`` without matplotlib.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[FARMSCallback(every_n_epochs=1)])
+        >>> # trainer.callback_metrics["farms/alpha_mean"], callback.history[-1]["summary"]
+    """
+
+    def __init__(
+        self,
+        preset: str = "cv",
+        window: Optional[int] = None,
+        aspect_ratio: Optional[float] = None,
+        windows_per_dim: Optional[int] = None,
+        fit: Optional[str] = None,
+        esd: str = "farms",
+        dtype: Optional[str] = None,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        layer_types: Optional[list[str]] = None,
+        min_eigenvalues: int = 10,
+        peak_bound: str = "reference",
+        every_n_epochs: Optional[int] = 1,
+        every_n_steps: Optional[int] = None,
+        analyze_on_train_start: bool = True,
+        log_metrics: Sequence[str] = ("alpha",),
+        log_summary: bool = True,
+        log_histogram: bool = True,
+        log_figures: bool = False,
+        print_summary: bool = True,
+        save_history: Optional[str] = None,
+        prefix: str = "farms",
+    ) -> None:
+        self.settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
+                                         min_eigenvalues, peak_bound)
+        self.include, self.exclude, self.layer_types = include, exclude, layer_types
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"`{name}` must be None or an integer >= 0, got {value!r}")
+        unknown = [m for m in log_metrics if m not in LOGGABLE_METRICS]
+        if unknown:
+            raise ValueError(f"`log_metrics` entries must be among {LOGGABLE_METRICS}, got {unknown}")
+        if save_history not in (None, *HISTORY_FORMATS):
+            raise ValueError(f"`save_history` must be None or one of {HISTORY_FORMATS}, got {save_history!r}")
+        self.every_n_epochs = every_n_epochs or 0
+        self.every_n_steps = every_n_steps or 0
+        self.analyze_on_train_start = analyze_on_train_start
+        self.log_metrics = tuple(log_metrics)
+        self.log_summary, self.log_histogram, self.log_figures = log_summary, log_histogram, log_figures
+        self.print_summary, self.save_history, self.prefix = print_summary, save_history, prefix
+        #: Every analysis: ``{"stage", "epoch", "step", "time_s", "summary", "layers": [rows]}``.
+        self.history: list[dict[str, Any]] = []
+        self.last_report: FARMSReport | None = None
+        self._pending: dict[str, int] | None = None
+        self._warned: set[tuple[str, str]] = set()
+        self._trainer: pl.Trainer | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**{k: self.settings[k] for k in ("preset", "esd", "fit", "window")},
+                                        prefix=self.prefix)
+
+    # ----------------------------------------------------------------- Lightning hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy = type(trainer.strategy).__name__
+        if any(name in strategy for name in UNSUPPORTED_STRATEGIES):
+            raise MisconfigurationException(
+                f"FARMSCallback needs every rank to hold full weights; {strategy} shards them. Use DDP, or "
+                "analyse a saved checkpoint with `farms_lightning.analyze`."
+            )
+        if self.log_figures:
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError as error:
+                raise MisconfigurationException(
+                    "FARMSCallback(log_figures=True) needs matplotlib: pip install 'farms_lightning[plot]'"
+                ) from error
+        if stage == "fit" and not trainer.loggers:
+            rank_zero_warn("FARMSCallback: no logger configured; statistics are kept in `callback.history` "
+                           "and `trainer.callback_metrics`.")
+        self._trainer = trainer
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._pending is not None:  # resumed from a checkpoint saved before that epoch's analysis
+            pending, self._pending = self._pending, None
+            self._run(trainer, pl_module, "epoch", pending["epoch"], pending["step"], log_now=True)
+        elif self.analyze_on_train_start and trainer.global_step == 0 and not self.history:
+            self._run(trainer, pl_module, "train_start", trainer.current_epoch, 0, log_now=True)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and self._last_step("step") != step:
+            self._run(trainer, pl_module, "step", trainer.current_epoch, step, log_now=False, on_step=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._epoch_due(trainer.current_epoch):
+            self._run(trainer, pl_module, "epoch", trainer.current_epoch, trainer.global_step, log_now=False)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.print_summary and self.last_report is not None:
+            rank_zero_info(f"FARMS analysis (epoch {self.history[-1]['epoch']}):\n{self.last_report.to_table()}")
+
+    def state_dict(self) -> dict[str, Any]:
+        pending = self._pending
+        trainer = self._trainer
+        if pending is None and trainer is not None and self._epoch_training_done(trainer):
+            # A checkpoint saved in the validation that ends an epoch precedes on_train_epoch_end:
+            # remember the due analysis so that a resumed run makes it from the same weights.
+            pending = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        return {"history": self.history, "pending": pending}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self._pending = state_dict.get("pending")
+
+    # ----------------------------------------------------------------- analysis and logging
+    def _epoch_due(self, epoch: int) -> bool:
+        return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
+
+    def _last_step(self, stage: str) -> int | None:
+        return next((h["step"] for h in reversed(self.history) if h["stage"] == stage), None)
+
+    def _epoch_training_done(self, trainer: pl.Trainer) -> bool:
+        if not trainer.validating or trainer.sanity_checking or trainer.state.fn != "fit":
+            return False
+        epoch = trainer.current_epoch
+        done = any(h["stage"] == "epoch" and h["epoch"] == epoch for h in self.history)
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        finished = progress.is_last_batch or progress.current.ready >= trainer.num_training_batches
+        return finished and self._epoch_due(epoch) and not done
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, epoch: int, step: int,
+             log_now: bool, on_step: bool = False) -> None:
+        start = time.perf_counter()
+        report = analyze_distributed(pl_module, self.settings, self.include, self.exclude, self.layer_types,
+                                     keep_eigenvalues=self.log_figures)
+        elapsed = time.perf_counter() - start
+        self.last_report = report
+        self.history.append({"stage": stage, "epoch": epoch, "step": step, "time_s": elapsed,
+                             "summary": dict(report.summary), "layers": report.to_rows()})
+        self._warn_bad_layers(report)
+        scalars = self._scalars(report, elapsed)
+        if log_now:  # hooks where self.log cannot log now: straight to the loggers and callback_metrics
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=step)
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars.items()})
+        else:
+            for key, value in scalars.items():
+                pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=False)
+        self._log_rank_zero(trainer, report, step)
+
+    def _scalars(self, report: FARMSReport, elapsed: float) -> dict[str, float]:
+        scalars: dict[str, float] = {}
+        for stats in report.layers:
+            if stats.status != "ok":
+                continue
+            for metric in self.log_metrics:
+                value = getattr(stats, metric)
+                if value is not None:
+                    scalars[f"{self.prefix}/{metric}/{stats.name or '(model)'}"] = float(value)
+        if self.log_summary:
+            for key, value in report.summary.items():
+                if not (isinstance(value, float) and math.isnan(value)):  # NaN would trip monitors
+                    scalars[f"{self.prefix}/{key}"] = float(value)
+            scalars[f"{self.prefix}/time_s"] = elapsed
+        return scalars
+
+    def _warn_bad_layers(self, report: FARMSReport) -> None:
+        for stats in report.layers:
+            key = (stats.name, stats.reason)
+            if stats.status != "ok" and key not in self._warned:
+                self._warned.add(key)
+                rank_zero_warn(f"FARMSCallback: layer {stats.name!r} {stats.status}: {stats.reason}")
+
+    @rank_zero_only
+    def _log_rank_zero(self, trainer: pl.Trainer, report: FARMSReport, step: int) -> None:
+        if self.save_history:
+            self._write_history(trainer)
+        tensorboards = [lg for lg in trainer.loggers if type(lg).__name__ == "TensorBoardLogger"]
+        alphas = report.alphas
+        for logger in tensorboards:
+            writer = logger.experiment
+            if self.log_histogram and alphas:
+                writer.add_histogram(f"{self.prefix}/alpha_histogram", torch.tensor(list(alphas.values())), step)
+            if self.log_figures and alphas:
+                from farms_lightning.plotting import plot_alphas, plot_esds
+
+                writer.add_figure(f"{self.prefix}/esd", plot_esds(report), step, close=True)
+                writer.add_figure(f"{self.prefix}/alpha_per_layer", plot_alphas(alphas)[0], step, close=True)
+
+    def _write_history(self, trainer: pl.Trainer) -> None:
+        folder = trainer.log_dir or trainer.default_root_dir
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"farms_history.{self.save_history}")
+        if self.save_history == "json":
+            with open(path, "w") as f:
+                json.dump(self.history, f, indent=1)
+            return
+        rows = [{"stage": h["stage"], "epoch": h["epoch"], "step": h["step"], **row}
+                for h in self.history for row in h["layers"]]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["stage", "epoch", "step"])
+            writer.writeheader()
+            writer.writerows(rows)

@@ -1,0 +1,63 @@
+"""Analysis split across the ranks of a distributed job, gathered into one identical report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+
+from farms_lightning.analysis import analyze_layers
+from farms_lightning.layers import LayerMatrix, discover_layers
+from farms_lightning.report import FARMSReport, LayerStats
+
+
+def assign_layers(layers: list[LayerMatrix], world_size: int) -> list[int]:
+    """The rank that analyses each layer: largest layers first, each to the least loaded rank.
+
+    Deterministic, so every rank computes the same assignment from the same model.
+    """
+    load = [0] * world_size
+    owner = [0] * len(layers)
+    for i in sorted(range(len(layers)), key=lambda i: (-layers[i].num_params, i)):
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owner[i] = rank
+        load[rank] += layers[i].num_params
+    return owner
+
+
+def distributed_context() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, or ``(0, 1)`` outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def analyze_distributed(
+    model: nn.Module,
+    settings: dict[str, Any],
+    include: Any = None,
+    exclude: Any = None,
+    layer_types: Any = None,
+    keep_eigenvalues: bool = False,
+) -> FARMSReport:
+    """Like :func:`~farms_lightning.analyze`, with the layers split across ranks.
+
+    Every rank holds the full weights (DDP), analyses its share and takes part in one
+    ``all_gather_object``; all ranks return the same report (and the same eigenvalues, when
+    kept). Outside a process group this is a plain analysis.
+    """
+    layers = discover_layers(model, layer_types, include, exclude)
+    rank, world_size = distributed_context()
+    owner = assign_layers(layers, world_size)
+    mine = [i for i, r in enumerate(owner) if r == rank]
+    stats, eigenvalues = analyze_layers(layers, settings, assigned=mine, keep_eigenvalues=keep_eigenvalues)
+    if world_size > 1:
+        local = ({i: stats[i] for i in mine}, eigenvalues)
+        gathered: list[tuple[dict[int, LayerStats], dict] | None] = [None] * world_size
+        dist.all_gather_object(gathered, local)
+        merged = {i: s for part in gathered if part for i, s in part[0].items()}
+        stats = [merged[i] for i in range(len(layers))]
+        eigenvalues = {name: ev for part in gathered if part for name, ev in part[1].items()}
+    return FARMSReport(stats, settings, eigenvalues)  # type: ignore[arg-type]
+

@@ -1,0 +1,127 @@
+"""``FARMSMetric``: FARMS statistics of a model as a torchmetrics ``Metric`` (and its functional twin)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+from torchmetrics import Metric
+
+from farms_lightning.analysis import analyze_layers, resolve_settings
+from farms_lightning.distributed import assign_layers, distributed_context
+from farms_lightning.layers import discover_layers
+from farms_lightning.report import FARMSReport, LayerStats, summarize
+
+STATUS_CODES = ("ok", "skipped", "failed")
+
+
+def _metric_dict(layers: Sequence[LayerStats]) -> dict[str, torch.Tensor]:
+    """``alpha/<layer>`` for fitted layers plus the model summary, as float64 scalar tensors."""
+    out = {f"alpha/{s.name or '(model)'}": torch.tensor(s.alpha, dtype=torch.float64)
+           for s in layers if s.alpha is not None}
+    out.update({k: torch.tensor(float(v), dtype=torch.float64) for k, v in summarize(tuple(layers)).items()})
+    return out
+
+
+def farms_metrics(model: nn.Module, preset: str = "cv", **options: Any) -> dict[str, torch.Tensor]:
+    """Functional twin of :class:`FARMSMetric`: ``alpha/<layer>`` and summary values of ``model``.
+
+    ``options`` are :func:`farms_lightning.analyze`'s keyword arguments.
+
+    Example::
+
+        >>> farms_metrics(model, fit="median")["alpha_mean"]
+    """
+    from farms_lightning.analysis import analyze
+
+    return _metric_dict(analyze(model, preset, **options).layers)
+
+
+class FARMSMetric(Metric):
+    r"""FARMS heavy-tail statistics of a model's weights as a torchmetrics ``Metric``.
+
+    ``update(model)`` analyses the weights (a snapshot: the latest update replaces earlier ones;
+    the module itself is never stored), ``compute()`` returns ``alpha/<layer>`` for every fitted
+    layer and the model summary (``alpha_mean``, ``num_fitted``, ...) as scalar tensors. Under DDP
+    each rank analyses a share of the layers and the states are summed, so every rank computes the
+    result a single process would.
+
+    Args:
+        preset: ``"cv"`` or ``"llm"``; ``options`` override it (``window``, ``aspect_ratio``,
+            ``windows_per_dim``, ``fit``, ``esd``, ``dtype``, ``min_eigenvalues``, ``peak_bound``).
+        include, exclude, layer_types: layer selection, as for :func:`farms_lightning.analyze`.
+        kwargs: ``torchmetrics.Metric`` arguments.
+
+    Example::
+
+        >>> metric = FARMSMetric(fit="median")
+        >>> metric.update(model)
+        >>> metric.compute()["alpha_mean"]
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = True
+    plot_lower_bound = 0.0
+
+    def __init__(
+        self,
+        preset: str = "cv",
+        window: Optional[int] = None,
+        aspect_ratio: Optional[float] = None,
+        windows_per_dim: Optional[int] = None,
+        fit: Optional[str] = None,
+        esd: str = "farms",
+        dtype: Optional[str] = None,
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        layer_types: Optional[list[str]] = None,
+        min_eigenvalues: int = 10,
+        peak_bound: str = "reference",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
+                                         min_eigenvalues, peak_bound)
+        self.include, self.exclude, self.layer_types = include, exclude, layer_types
+        self.layer_names: list[str] = []
+        # Per layer: [alpha (0 if none), alpha_weighted (0 if none), status code]; summed across ranks,
+        # each layer's row coming from the one rank that analysed it.
+        self.add_state("layer_values", default=torch.zeros(0, 3, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, model: nn.Module) -> None:  # type: ignore[override]
+        layers = discover_layers(model, self.layer_types, self.include, self.exclude)
+        rank, world_size = distributed_context()
+        mine = [i for i, r in enumerate(assign_layers(layers, world_size)) if r == rank]
+        stats, _ = analyze_layers(layers, self.settings, assigned=mine)
+        values = torch.zeros(len(layers), 3, dtype=torch.float64)
+        for i in mine:
+            s = stats[i]
+            values[i] = torch.tensor([s.alpha or 0.0, s.alpha_weighted or 0.0, STATUS_CODES.index(s.status)],
+                                     dtype=torch.float64)
+        self.layer_names = [layer.name for layer in layers]
+        self.layer_values = values.to(self.device)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        rows = self.layer_values.detach().cpu()
+        layers = []
+        for name, (alpha, weighted, code) in zip(self.layer_names, rows.tolist()):
+            status = STATUS_CODES[int(round(code))]
+            ok = status == "ok"
+            layers.append(LayerStats(name, "", (), status, "" if ok else status,
+                                     alpha=alpha if ok else None, alpha_weighted=weighted if ok else None))
+        return _metric_dict(layers)
+
+    def plot(self, val: Optional[dict[str, torch.Tensor]] = None, ax: Any = None) -> tuple[Any, Any]:
+        """Bar chart of the per-layer alphas of ``val`` (default: ``compute()``); returns ``(fig, ax)``."""
+        from farms_lightning.plotting import plot_alphas
+
+        val = self.compute() if val is None else val
+        alphas = {k.removeprefix("alpha/"): float(v) for k, v in val.items() if k.startswith("alpha/")}
+        return plot_alphas(alphas, ax=ax)
+
+
+def report_metrics(report: FARMSReport) -> dict[str, torch.Tensor]:
+    """The metric dictionary of an existing report (what ``FARMSMetric.compute`` would return)."""
+    return _metric_dict(report.layers)
