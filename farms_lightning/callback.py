@@ -199,8 +199,10 @@ class FARMSCallback(Callback):
         self._warn_bad_layers(report)
         scalars = self._scalars(report, elapsed)
         if log_now:  # hooks where self.log cannot log now: straight to the loggers and callback_metrics
+            # Lightning logs epoch-end values at the epoch's last step index (global_step - 1).
+            logger_step = max(0, step - 1) if stage == "epoch" else step
             for logger in trainer.loggers:
-                logger.log_metrics(scalars, step=step)
+                logger.log_metrics(scalars, step=logger_step)
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars.items()})
         else:
             for key, value in scalars.items():

@@ -1,0 +1,48 @@
+"""Train a small CNN on scikit-learn's digits with FARMSCallback and a TensorBoardLogger.
+
+Run: python examples/monitor_digits.py [--epochs 10] [--logdir farms_logs]
+Then: tensorboard --logdir farms_logs   (scalars farms/alpha/<layer>, farms/alpha_mean, histograms, figures)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from digits import DigitsCNN, digits_loaders  # noqa: E402
+
+from farms_lightning import FARMSCallback  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--logdir", default="farms_logs")
+    args = parser.parse_args()
+    pl.seed_everything(0, verbose=False)
+    try:
+        import matplotlib  # noqa: F401
+        figures = True
+    except ImportError:
+        figures = False
+    farms = FARMSCallback(log_metrics=["alpha", "alpha_weighted", "stable_rank"], log_figures=figures,
+                          save_history="csv")
+    logger = TensorBoardLogger(args.logdir, name="digits")
+    trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[farms], logger=logger, enable_progress_bar=False,
+                         enable_model_summary=False, log_every_n_steps=5, accelerator="cpu")
+    model = DigitsCNN(epochs=args.epochs)
+    train, val, test = digits_loaders()
+    trainer.fit(model, train, val)
+    result = trainer.test(model, test, verbose=False)[0]
+    print(f"\ntest accuracy {result['test_acc']:.3f}")
+    print("alpha_mean per analysis:", ", ".join(f"{h['summary']['alpha_mean']:.3f}" for h in farms.history))
+    print(f"TensorBoard logs: {os.path.abspath(logger.log_dir)}  (tensorboard --logdir {args.logdir})")
+
+
+if __name__ == "__main__":
+    main()
