@@ -1,0 +1,61 @@
+import pytest
+import torch
+from lightning_helpers import TinyNet
+from torch import nn
+
+from farms_lightning import FARMSMetric, analyze
+from farms_lightning.functional import farms_metrics
+
+
+def test_metric_equals_functional_and_analyze():
+    torch.manual_seed(0)
+    model = TinyNet()
+    metric = FARMSMetric(fit="peak")
+    metric.update(model)
+    result = metric.compute()
+    assert result.keys() == farms_metrics(model, fit="peak").keys()
+    report = analyze(model, fit="peak")
+    for name, stats in report.items():
+        if stats.alpha is not None:
+            assert result[f"alpha/{name}"].item() == stats.alpha
+        else:
+            assert f"alpha/{name}" not in result
+    for key, value in report.summary.items():
+        assert result[key].item() == pytest.approx(value, rel=1e-12), key
+
+
+def test_update_is_a_snapshot_and_reset_clears():
+    torch.manual_seed(0)
+    model = TinyNet()
+    metric = FARMSMetric()
+    metric.update(model)
+    with torch.no_grad():
+        model.head[0].weight.mul_(3.0).add_(torch.randn_like(model.head[0].weight) ** 3)
+    metric.update(model)
+    assert metric.compute()["alpha/head.0"].item() == analyze(model)["head.0"].alpha
+    metric.reset()
+    assert metric.compute()["num_layers"].item() == 0
+
+
+def test_metric_owned_by_a_model_keeps_its_state_dict_clean():
+    torch.manual_seed(0)
+    model = TinyNet()
+    model.farms = FARMSMetric()
+    model.farms.update(model)
+    keys = list(model.state_dict())
+    assert all(not k.startswith("farms.") for k in keys)  # no module (or weights) stored in the metric
+    copy = TinyNet()
+    copy.farms = FARMSMetric()
+    copy.load_state_dict(model.state_dict())
+    assert "alpha/head.0" in model.farms.compute()
+
+
+def test_plot_follows_the_torchmetrics_convention():
+    pytest.importorskip("matplotlib")
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 128))
+    metric = FARMSMetric()
+    metric.update(model)
+    fig, ax = metric.plot()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1"]
+    heights = [bar.get_height() for bar in ax.containers[0]]
+    assert heights == pytest.approx([metric.compute()["alpha/0"].item(), metric.compute()["alpha/1"].item()])
