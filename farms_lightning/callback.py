@@ -194,9 +194,11 @@ class FARMSCallback(Callback):
                                      keep_eigenvalues=self.log_figures)
         elapsed = time.perf_counter() - start
         self.last_report = report
-        self.history.append({"stage": stage, "epoch": epoch, "step": step, "time_s": elapsed,
-                             "summary": dict(report.summary), "layers": report.to_rows()})
+        entry = {"stage": stage, "epoch": epoch, "step": step, "time_s": elapsed,
+                 "summary": dict(report.summary), "layers": report.to_rows()}
+        self.history.append(entry)
         self._warn_bad_layers(report)
+        self._on_report(trainer, pl_module, report, entry)
         scalars = self._scalars(report, elapsed)
         if log_now:  # hooks where self.log cannot log now: straight to the loggers and callback_metrics
             # Lightning logs epoch-end values at the epoch's last step index (global_step - 1).
@@ -208,6 +210,10 @@ class FARMSCallback(Callback):
             for key, value in scalars.items():
                 pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=False)
         self._log_rank_zero(trainer, report, step)
+
+    def _on_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: FARMSReport,
+                   entry: dict[str, Any]) -> None:
+        """Subclasses act on a new analysis here (before its scalars are logged)."""
 
     def _scalars(self, report: FARMSReport, elapsed: float) -> dict[str, float]:
         scalars: dict[str, float] = {}
