@@ -71,3 +71,32 @@ def test_ddp_ranks_agree_with_each_other_and_with_one_process(tmp_path):
     assert rank0["metric_result"].keys() == expected.keys()
     for key, value in expected.items():
         assert rank0["metric_result"][key] == pytest.approx(value.item(), rel=1e-6), key
+
+
+class DumpBalancer(pl.Callback):
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        from farms_lightning import FARMSLRBalancer
+
+        balancer = next(cb for cb in trainer.callbacks if isinstance(cb, FARMSLRBalancer))
+        torch.save({"factors": [h.get("lr_factors") for h in balancer.history],
+                    "used": trainer.optimizers[0].used}, f"{self.folder}/balancer{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_ranks_use_identical_lr_factors(tmp_path):
+    from test_lr_balancer import LRNet
+
+    from farms_lightning import FARMSLRBalancer
+
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", max_epochs=2, limit_train_batches=3,
+                         enable_progress_bar=False, enable_model_summary=False, logger=False,
+                         default_root_dir=str(tmp_path), callbacks=[FARMSLRBalancer(), DumpBalancer(str(tmp_path))])
+    trainer.fit(LRNet("cosine"), loaders()[0])
+    rank0, rank1 = (torch.load(tmp_path / f"balancer{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["factors"] == rank1["factors"] and len(rank0["factors"]) == 3
+    assert all(f and len(f) == 3 for f in rank0["factors"])
+    assert rank0["used"] == rank1["used"] and len(rank0["used"]) == 6
