@@ -1,0 +1,302 @@
+"""Unstructured pruners that apply per-layer sparsities: magnitude and Wanda, offline or during training.
+
+Layers are named as :func:`farms_lightning.analyze` names them, so an allocation from
+:func:`farms_lightning.pruning.alpha_sparsity` (or ``uniform_sparsity``) applies directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from lightning.pytorch.callbacks import ModelPruning
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from farms_lightning.analysis import analyze
+from farms_lightning.layers import LAYER_TYPES, LayerMatrix, discover_layers
+from farms_lightning.pruning import alpha_sparsity
+
+METHODS = ("magnitude", "wanda")
+#: Kinds whose inputs Wanda can weigh: the weight multiplies the last dimension of the input.
+WANDA_KINDS = ("Linear", "Conv1D", "MultiheadAttention")
+
+Calibration = Union[torch.Tensor, Sequence[Any], Mapping[str, Any], Callable[[nn.Module], Any], None]
+
+
+def prune_model(
+    model: nn.Module,
+    sparsities: Mapping[str, float],
+    method: str = "magnitude",
+    calibration: Calibration = None,
+) -> dict[str, float]:
+    """Zero the least important weights of each named layer, in place, to its sparsity.
+
+    Weights are set to zero (no masks, no hooks, no reparametrisation), under ``torch.no_grad()``.
+    Layer ``name`` loses exactly ``round(sparsity * numel)`` more weights (Python's ``round``: half
+    to even), the ones with the smallest scores, ties broken by position (first in row-major order
+    of the matrix as analysed). Layers not in ``sparsities`` are never touched.
+
+    - ``"magnitude"``: score ``|W|`` over the whole matrix.
+    - ``"wanda"``: score ``|W_ij| * ||x_j||_2`` compared within each output row ``i``, where
+      ``||x_j||_2`` is the norm of input feature ``j`` over every position of every calibration
+      forward pass (collected with forward pre-hooks on the dense model, one pass). To remove
+      exactly ``k`` weights, every row loses ``k // rows`` and the first ``k % rows`` rows one more.
+      Linear, GPT-2 ``Conv1D`` and ``MultiheadAttention`` layers (q/k/v from query/key/value).
+
+    Args:
+        model: the model; layer names as :func:`farms_lightning.analyze` gives them (any layer
+            type, ``in_proj.q|k|v`` for a packed attention in-projection).
+        sparsities: ``{layer name: fraction of its weights to zero}``, each in ``[0, 1]``.
+        method: ``"magnitude"`` or ``"wanda"``.
+        calibration: for Wanda: a tensor (``model(x)``), a tuple/list (``model(*args)``), a dict
+            (``model(**kwargs)``) or a callable (``calibration(model)``). The model runs in eval
+            mode under ``torch.no_grad()``; training flags are restored afterwards.
+
+    Returns:
+        ``{layer name: achieved sparsity}``, the fraction of exact zeros in each pruned matrix.
+
+    Raises:
+        ValueError: an unknown layer name or method, a sparsity outside ``[0, 1]``, Wanda without
+            ``calibration``, on an unsupported layer kind, or on a layer the calibration never reached.
+
+    Example::
+
+        >>> sparsities = alpha_sparsity(analyze(model, fit="peak"), sparsity=0.5)
+        >>> achieved = prune_model(model, sparsities, method="wanda", calibration=batch)
+    """
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+    bad = {name: s for name, s in sparsities.items() if not (isinstance(s, (int, float)) and 0 <= s <= 1)}
+    if bad:
+        raise ValueError(f"`sparsities` must be in [0, 1], got {bad}")
+    layers = select_layers(model, sparsities)
+    norms: dict[str, torch.Tensor] = {}
+    if method == "wanda":
+        if calibration is None:
+            raise ValueError("`calibration` inputs are needed for method='wanda'")
+        unsupported = [layer.name for layer in layers if layer.kind not in WANDA_KINDS]
+        if unsupported:
+            raise ValueError(f"method='wanda' supports {WANDA_KINDS} layers, not {unsupported[:3]}")
+        norms = input_norms(model, layers, calibration)
+    achieved: dict[str, float] = {}
+    with torch.no_grad():
+        for layer in layers:
+            matrix = layer.oriented()
+            count = round(sparsities[layer.name] * matrix.numel())
+            if method == "wanda":
+                drop = wanda_mask(matrix, norms[layer.name], count)
+            else:
+                drop = smallest(matrix.abs(), count)
+            # `oriented()` is a view of the parameter: filling it zeroes the stored weights in place.
+            matrix.masked_fill_(drop, 0)
+            achieved[layer.name] = float((matrix == 0).sum()) / max(matrix.numel(), 1)
+    return achieved
+
+
+def select_layers(model: nn.Module, names: Mapping[str, Any] | Sequence[str]) -> list[LayerMatrix]:
+    """The model's matrices named in ``names`` (any layer type), each storage once, in model order.
+
+    Raises:
+        ValueError: a name that is not a layer of the model.
+    """
+    found = {layer.name: layer for layer in discover_layers(model, layer_types=LAYER_TYPES)}
+    unknown = [name for name in names if name not in found]
+    if unknown:
+        raise ValueError(f"`sparsities` names {len(unknown)} unknown layer(s), e.g. {unknown[:3]}; "
+                         f"layers are named as `analyze` names them, e.g. {list(found)[:3]}")
+    seen: set[tuple] = set()
+    layers = []
+    for name in found:
+        if name in names and found[name].identity() not in seen:  # a shared matrix is pruned once
+            seen.add(found[name].identity())
+            layers.append(found[name])
+    return layers
+
+
+def smallest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """A boolean mask of the ``count`` smallest ``scores``; ties go to the earlier flat index."""
+    flat = scores.reshape(-1)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if count > 0:
+        # A stable sort keeps equal scores in index order, so ties are broken deterministically.
+        order = torch.sort(flat, stable=True).indices
+        mask[order[:count]] = True
+    return mask.view(scores.shape)
+
+
+def wanda_mask(matrix: torch.Tensor, norms: torch.Tensor, count: int) -> torch.Tensor:
+    """Wanda's choice on an ``(out, in)`` matrix: per row, the smallest ``|W_ij| * norms_j``."""
+    rows = matrix.shape[0]
+    scores = matrix.abs().to(torch.float64) * norms.to(matrix.device, torch.float64)
+    order = torch.sort(scores, dim=1, stable=True).indices
+    per_row = torch.full((rows,), count // rows, device=matrix.device)
+    per_row[: count % rows] += 1
+    # Rank of each entry within its row, compared with that row's quota.
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(matrix.shape[1], device=matrix.device).expand_as(order))
+    return ranks < per_row[:, None]
+
+
+def input_norms(model: nn.Module, layers: Sequence[LayerMatrix], calibration: Calibration) -> dict[str, torch.Tensor]:
+    """``||x_j||_2`` per input feature of each layer over the calibration forward passes (float64)."""
+    owners = parameter_owners(model)
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            sq = x.detach().to(torch.float64).pow(2).reshape(-1, x.shape[-1]).sum(0)
+            sums[name] = sums[name] + sq if name in sums else sq
+
+    def hook_for(module_layers: list[LayerMatrix]) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            for layer in module_layers:
+                # MultiheadAttention: q, k, v project the query, key and value inputs.
+                position = "qkv".index(layer.name[-1]) if layer.kind == "MultiheadAttention" else 0
+                key = ("query", "key", "value")[position] if layer.kind == "MultiheadAttention" else "input"
+                add(layer.name, args[position] if len(args) > position else kwargs.get(key))
+        return hook
+
+    by_module: dict[int, tuple[nn.Module, list[LayerMatrix]]] = {}
+    for layer in layers:
+        module = owners[id(layer.weight)][0]
+        by_module.setdefault(id(module), (module, []))[1].append(layer)
+    handles = [m.register_forward_pre_hook(hook_for(ls), with_kwargs=True) for m, ls in by_module.values()]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            run_calibration(model, calibration)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    missing = [layer.name for layer in layers if layer.name not in sums]
+    if missing:
+        raise ValueError(f"the calibration never reached {len(missing)} layer(s), e.g. {missing[:3]}")
+    return {name: s.sqrt() for name, s in sums.items()}
+
+
+def run_calibration(model: nn.Module, calibration: Calibration) -> Any:
+    """Run ``model`` on ``calibration``: a tensor, positional args, keyword args or a callable."""
+    if callable(calibration) and not isinstance(calibration, (torch.Tensor, nn.Module)):
+        return calibration(model)
+    if isinstance(calibration, torch.Tensor):
+        return model(calibration)
+    if isinstance(calibration, Mapping):
+        return model(**calibration)
+    return model(*calibration)  # type: ignore[misc]
+
+
+def parameter_owners(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
+    """``id(parameter) -> (module, attribute name)`` for every directly owned parameter."""
+    return {id(p): (m, name) for m in model.modules() for name, p in m._parameters.items() if p is not None}
+
+
+class FARMSModelPruning(ModelPruning):
+    r"""Lightning ``ModelPruning`` with AlphaPruning's per-layer amounts, by magnitude.
+
+    At every pruning epoch (Lightning's schedule: ``apply_pruning``, ``prune_on_train_epoch_end``)
+    ``amount`` is the target *mean* sparsity ``S`` of the selected layers, cumulative (not the
+    fraction of the remaining weights, as in ``ModelPruning``); a callable gets the epoch. The
+    layers' alphas are computed once, from the dense weights at the first pruning, and give
+    per-layer sparsities with :func:`~farms_lightning.pruning.alpha_sparsity`; each layer then
+    keeps its earlier mask and loses its smallest-magnitude remaining weights up to exactly
+    ``round(sparsity * numel)`` zeros in its mask (masks only grow: a lower ``S`` later prunes nothing
+    back). Masks are PyTorch pruning masks (``weight_orig``/``weight_mask``), so the zeros stay zero
+    while training; ``make_pruning_permanent`` folds them in at the end and in checkpoints.
+    ``sparsities`` holds the last targets and ``alphas`` the alphas (saved in checkpoints).
+
+    Args:
+        amount: target mean sparsity ``S`` (float) or ``epoch -> S``.
+        epsilon, blocks, max_sparsity: as for :func:`~farms_lightning.pruning.alpha_sparsity`.
+        preset, esd, include, exclude, layer_types, \*\*analysis: as for :func:`farms_lightning.analyze`
+            (``include``/``exclude``/``layer_types`` also choose the layers pruned; default: Linear,
+            Conv and attention in-projections).
+        apply_pruning, make_pruning_permanent, use_lottery_ticket_hypothesis, verbose,
+            prune_on_train_epoch_end: as for Lightning's ``ModelPruning``.
+
+    Example::
+
+        >>> pruning = FARMSModelPruning(amount=lambda epoch: [0.0, 0.3, 0.5][min(epoch, 2)], esd="farms")
+        >>> Trainer(callbacks=[pruning]).fit(model)
+        >>> pruning.sparsities  # {layer: sparsity}, parameter-weighted mean 0.5
+    """
+
+    def __init__(
+        self,
+        amount: Union[float, Callable[[int], float]] = 0.5,
+        epsilon: float = 0.3,
+        blocks: Optional[Union[str, list[str]]] = None,
+        max_sparsity: float = 0.99,
+        preset: str = "cv",
+        esd: str = "farms",
+        include: Optional[Union[str, list[str]]] = None,
+        exclude: Optional[Union[str, list[str]]] = None,
+        layer_types: Optional[list[str]] = None,
+        apply_pruning: Union[bool, Callable[[int], bool]] = True,
+        make_pruning_permanent: bool = True,
+        use_lottery_ticket_hypothesis: Union[bool, Callable[[int], bool]] = False,
+        verbose: int = 0,
+        prune_on_train_epoch_end: bool = True,
+        **analysis: Any,
+    ) -> None:
+        super().__init__("l1_unstructured", parameter_names=["weight"], use_global_unstructured=False,
+                         amount=amount, apply_pruning=apply_pruning, make_pruning_permanent=make_pruning_permanent,
+                         use_lottery_ticket_hypothesis=use_lottery_ticket_hypothesis, verbose=verbose,
+                         prune_on_train_epoch_end=prune_on_train_epoch_end)
+        if not callable(amount):
+            alpha_sparsity({}, amount, epsilon, max_sparsity=max_sparsity)  # validate early
+        self.epsilon, self.blocks, self.max_sparsity = epsilon, blocks, max_sparsity
+        self.analysis = dict(preset=preset, esd=esd, include=include, exclude=exclude, layer_types=layer_types,
+                             **analysis)
+        self.alphas: dict[str, Optional[float]] = {}
+        self.sparsities: dict[str, float] = {}
+        self._targets: list[tuple[LayerMatrix, nn.Module, str]] = []
+        self._module: Optional[nn.Module] = None
+
+    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        if not self._targets:  # resolved once: after pruning, `weight` is no longer a parameter
+            owners = parameter_owners(pl_module)
+            layers = discover_layers(pl_module, self.analysis["layer_types"], self.analysis["include"],
+                                     self.analysis["exclude"])
+            self._targets = [(layer, *owners[id(layer.weight)]) for layer in layers if id(layer.weight) in owners]
+            self._parameters_to_prune = list(dict.fromkeys((m, n) for _, m, n in self._targets))
+        self._module = pl_module
+        super().setup(trainer, pl_module, stage)  # type: ignore[arg-type]
+
+    def apply_pruning(self, amount: Union[int, float]) -> None:
+        """Prune every target layer to its share of the mean sparsity ``amount``."""
+        prev = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune] if self._verbose else []
+        if not self.alphas:  # once, from the dense weights: zeros would change the spectra
+            report = analyze(self._module, **self.analysis)
+            self.alphas = {s.name: s.alpha for s in report.layers if not s.reason.startswith("shares weights")}
+        counts = {layer.name: layer.num_params for layer, _, _ in self._targets}
+        self.sparsities = alpha_sparsity(self.alphas, float(amount), self.epsilon,
+                                         param_counts={name: counts[name] for name in self.alphas},
+                                         blocks=self.blocks, max_sparsity=self.max_sparsity)
+        with torch.no_grad():
+            for module, name in self._parameters_to_prune:
+                weight = getattr(module, name + "_orig", getattr(module, name)).detach()
+                old = getattr(module, name + "_mask", torch.ones_like(weight))
+                drop = torch.zeros_like(weight, dtype=torch.bool)
+                for layer, m, n in self._targets:
+                    if m is module and n == name and layer.name in self.sparsities:
+                        rows = layer.rows or slice(None)
+                        # Pruned entries score -1, below every magnitude: they are chosen first.
+                        scores = torch.where(old[rows] == 0, -1.0, weight[rows].abs().to(torch.float64))
+                        count = max(round(self.sparsities[layer.name] * scores.numel()), int((old[rows] == 0).sum()))
+                        drop[rows] = smallest(scores, count)
+                torch_prune.custom_from_mask(module, name, ~drop)
+        if self._verbose:
+            self._log_sparsity_stats(prev, [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune],
+                                     amount=amount)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alphas": dict(self.alphas), "sparsities": dict(self.sparsities)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.alphas = dict(state_dict.get("alphas", {}))
+        self.sparsities = dict(state_dict.get("sparsities", {}))
+
