@@ -1,0 +1,413 @@
+"""``farms-lightning``: analyse or prune saved weights without the model's code.
+
+Inputs: a Lightning ``.ckpt`` (its ``state_dict``), a torch state dict (``.pt``/``.pth``/``.bin``,
+also ``{"state_dict": ...}``), a ``.safetensors`` file or a folder of them. The format is read from
+the file's first bytes (the extension is only a fallback). Torch files are loaded with
+``weights_only=True`` unless ``--trust-pickle`` is given.
+
+Exit codes: 0 success; 1 unexpected internal error (with a traceback); 2 usage error (bad option
+or value); 3 input missing, unreadable, truncated or of an unknown format; 4 nothing to analyse
+(no weight matrix, or none left by ``--include``/``--exclude``/``--layer-types``); 5 the output
+cannot be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from farms_lightning.analysis import PRESETS, analyze_layers, resolve_settings
+from farms_lightning.layers import LAYER_TYPES, LayerMatrix, discover_layers
+from farms_lightning.pruners import prune_model
+from farms_lightning.pruning import alpha_sparsity, uniform_sparsity
+from farms_lightning.report import FARMSReport
+from farms_lightning.state_dict import model_from_state_dict
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_EMPTY, EXIT_OUTPUT = 0, 1, 2, 3, 4, 5
+FORMATS = ("table", "csv", "json", "markdown")
+SUFFIX_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown", ".markdown": "markdown"}
+
+
+class CLIError(Exception):
+    """A clear, expected failure: its message goes to stderr and ``code`` becomes the exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Weights:
+    """Loaded tensors plus what is needed to write them back in the same format."""
+
+    path: Path
+    kind: str  # "torch" or "safetensors" (a file), "folder" (of safetensors files)
+    state_dict: dict[str, torch.Tensor]
+    container: Any = None  # torch: the loaded object, written back whole
+    files: dict[str, tuple[list[str], dict[str, str] | None]] = field(default_factory=dict)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``farms-lightning`` command line; returns the exit status (see the module docstring).
+
+    Example::
+
+        $ farms-lightning analyze model.safetensors --fit peak --format json --output alphas.json
+        $ farms-lightning prune last.ckpt --sparsity 0.5 --allocation alpha --output pruned.ckpt
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help (0) or an argparse usage error (2, already printed)
+        return int(done.code or 0)
+    try:
+        return args.command(args)
+    except CLIError as error:
+        print(f"farms-lightning: error: {error}", file=sys.stderr)
+        return error.code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="farms-lightning", description=__doc__.split("\n\n")[0],
+                                     epilog="exit codes: 0 ok, 1 internal error, 2 usage error, 3 unreadable or "
+                                            "unknown input, 4 nothing to analyse, 5 output not writable")
+    commands = parser.add_subparsers(required=True, metavar="{analyze,prune}")
+    analyze_cmd = commands.add_parser("analyze", help="FARMS alphas of every weight matrix")
+    _add_input(analyze_cmd)
+    _add_engine(analyze_cmd, preset="cv")
+    analyze_cmd.add_argument("--format", choices=FORMATS, help="default: from --output's suffix, else table")
+    analyze_cmd.add_argument("--output", "-o", type=Path, help="write the report here (default: stdout)")
+    analyze_cmd.set_defaults(command=run_analyze)
+
+    prune_cmd = commands.add_parser("prune", help="write a pruned copy of the weights, in the same format")
+    _add_input(prune_cmd)
+    prune_cmd.add_argument("--sparsity", type=float, required=True, help="target mean sparsity S of the matrices")
+    prune_cmd.add_argument("--method", choices=("magnitude", "wanda"), default="magnitude",
+                           help="magnitude (wanda needs the model's forward pass: use Python)")
+    prune_cmd.add_argument("--allocation", choices=("uniform", "alpha"), default="alpha",
+                           help="uniform: S everywhere; alpha: AlphaPruning from FARMS alphas (default)")
+    prune_cmd.add_argument("--epsilon", type=float, default=0.3, help="AlphaPruning spread (default 0.3)")
+    prune_cmd.add_argument("--blocks", help="block-wise alphas: a glob of block name prefixes, e.g. 'encoder.layer.*'")
+    prune_cmd.add_argument("--max-sparsity", type=float, default=0.99, help="largest sparsity of a layer (0.99)")
+    prune_cmd.add_argument("--output", "-o", type=Path, required=True, help="the pruned copy (a folder for a folder)")
+    prune_cmd.add_argument("--format", choices=FORMATS, default="table", help="format of the per-layer report")
+    _add_engine(prune_cmd, preset="llm")
+    prune_cmd.set_defaults(command=run_prune)
+    return parser
+
+
+def _add_input(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("path", type=Path, help=".ckpt, .pt/.pth/.bin state dict, .safetensors, or a folder of them")
+    cmd.add_argument("--trust-pickle", action="store_true",
+                     help="load torch files with weights_only=False (runs pickled code: only for trusted files)")
+    cmd.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+
+
+def _add_engine(cmd: argparse.ArgumentParser, preset: str) -> None:
+    engine = cmd.add_argument_group("analysis (as farms_lightning.analyze)")
+    engine.add_argument("--preset", choices=tuple(PRESETS), default=preset, help=f"default {preset}")
+    engine.add_argument("--window", type=int, help="window rows m")
+    engine.add_argument("--aspect-ratio", type=float, help="window cols/rows Q")
+    engine.add_argument("--windows-per-dim", type=int, help="window starts per dimension k")
+    engine.add_argument("--fit", choices=("median", "ks", "peak"))
+    engine.add_argument("--esd", choices=("farms", "full"), default="farms")
+    engine.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    engine.add_argument("--include", nargs="+", action="extend", metavar="GLOB", help="layer-name globs to keep")
+    engine.add_argument("--exclude", nargs="+", action="extend", metavar="GLOB", help="layer-name globs to drop")
+    engine.add_argument("--layer-types", nargs="+", action="extend", metavar="TYPE",
+                        help=f"among {', '.join(LAYER_TYPES)} (commas allowed)")
+    engine.add_argument("--min-eigenvalues", type=int, default=10)
+    engine.add_argument("--peak-bound", choices=("reference", "corrected"), default="reference")
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    weights = load_weights(args.path, args.trust_pickle)
+    report = analyze_with_progress(weights, args)
+    fmt = args.format or (SUFFIX_FORMATS.get(args.output.suffix.lower(), "table") if args.output else "table")
+    title = _settings_line(weights, report)
+    if fmt == "table":
+        text = f"{title}\n{report.to_table()}\n"
+    else:
+        text = format_rows(report.to_rows(), fmt, _summary_line(report), title,
+                           {"file": str(weights.path), "settings": report.settings, "summary": report.summary})
+    write_text(text, args.output)
+    return EXIT_OK
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    if args.method == "wanda":
+        raise CLIError("--method wanda weighs weights by the layers' calibration inputs, which needs the "
+                       "model's forward pass; a weights file has no model code. In Python: "
+                       "farms_lightning.pruners.prune_model(model, sparsities, method='wanda', calibration=batch)",
+                       EXIT_USAGE)
+    out = args.output
+    if out.resolve() == args.path.resolve():
+        raise CLIError(f"--output {out} is the input: refusing to overwrite it", EXIT_USAGE)
+    with _usage_errors():  # check the numbers before a long analysis
+        alpha_sparsity({}, args.sparsity, args.epsilon, blocks=args.blocks, max_sparsity=args.max_sparsity)
+    weights = load_weights(args.path, args.trust_pickle)
+    alphas: dict[str, float | None] = {}
+    with _usage_errors():
+        if args.allocation == "alpha":
+            report = analyze_with_progress(weights, args)
+            sparsities = alpha_sparsity(report, args.sparsity, args.epsilon, blocks=args.blocks,
+                                        max_sparsity=args.max_sparsity)
+            alphas = {s.name: s.alpha for s in report.layers}
+            if not report.alphas:
+                print("farms-lightning: warning: no layer could be fitted; every layer gets --sparsity",
+                      file=sys.stderr)
+        else:
+            sparsities = uniform_sparsity([m.name for m in _selected_layers(weights, args)], args.sparsity)
+    model = model_from_state_dict(weights.state_dict)  # shares the tensors: pruning edits them in place
+    achieved = prune_model(model, sparsities, method="magnitude")
+    save_weights(weights, out)
+    layers = {m.name: m for m in discover_layers(model, layer_types=LAYER_TYPES)}
+    rows = [{"name": name, "shape": list(layers[name].shape), "num_params": layers[name].num_params,
+             "alpha": alphas.get(name), "target": sparsities[name], "achieved": achieved.get(name)}
+            for name in sparsities if name in achieved]
+    total = sum(r["num_params"] for r in rows)
+    mean = math.fsum(r["achieved"] * r["num_params"] for r in rows) / total if total else math.nan
+    summary = (f"pruned {len(rows)} matrices ({total} weights) by magnitude, {args.allocation} allocation: "
+               f"sparsity {mean:.4f} (target {args.sparsity}); wrote {out}")
+    meta = {"method": "magnitude", "allocation": args.allocation, "sparsity": args.sparsity, "achieved": mean,
+            "output": str(out)}
+    print(format_rows(rows, args.format, summary, f"{args.path}: pruning {len(rows)} matrices", meta), end="")
+    return EXIT_OK
+
+
+def load_weights(path: Path, trust_pickle: bool = False) -> Weights:
+    """Read a checkpoint, state dict, safetensors file or folder of them (exit code 3 on failure)."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and p.is_file())
+        if not files:
+            raise CLIError(f"{path} is a folder without .safetensors files", EXIT_INPUT)
+        weights = Weights(path, "folder", {})
+        for file in files:
+            tensors, metadata = _read_safetensors(file)
+            weights.state_dict.update(tensors)
+            weights.files[file.name] = (list(tensors), metadata)
+        return weights
+    if not path.is_file():
+        raise CLIError(f"{path}: no such file or folder", EXIT_INPUT)
+    kind = sniff_format(path)
+    if kind == "safetensors":
+        tensors, metadata = _read_safetensors(path)
+        return Weights(path, "safetensors", tensors, files={path.name: (list(tensors), metadata)})
+    if kind != "torch":
+        raise CLIError(f"{path}: unknown format: neither a torch file (zip archive or pickle: .ckpt/.pt/.pth/.bin) "
+                       f"nor safetensors, nor a folder of .safetensors files", EXIT_INPUT)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as error:  # noqa: BLE001 - any reader failure is a clear input error
+        if "weights only" in str(error).lower() or "weights_only" in str(error):
+            raise CLIError(f"{path} holds Python objects that weights_only loading refuses; if you trust the "
+                           f"file, rerun with --trust-pickle ({_first_line(error)})", EXIT_INPUT) from None
+        raise CLIError(f"cannot read {path} as a torch file (truncated or corrupt?): {_first_line(error)}",
+                       EXIT_INPUT) from None
+    inner = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
+    if isinstance(inner, dict) and isinstance(inner.get("state_dict"), dict):
+        inner = inner["state_dict"]
+    if not isinstance(inner, dict):
+        raise CLIError(f"{path} holds a {type(obj).__name__}, not a state dict", EXIT_INPUT)
+    tensors = {k: v for k, v in inner.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return Weights(path, "torch", tensors, container=obj)
+
+
+def sniff_format(path: Path) -> str | None:
+    """``"torch"`` or ``"safetensors"`` from the file's first bytes; ``None`` when neither."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive / legacy pickle
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 40:
+        return "safetensors"  # an 8-byte little-endian header length, then the JSON header
+    # A truncated safetensors header is still reported as such, from the suffix.
+    return "safetensors" if path.suffix.lower() == ".safetensors" else None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+    except Exception as error:  # noqa: BLE001
+        raise CLIError(f"cannot read {path} as safetensors (truncated or corrupt?): {_first_line(error)}",
+                       EXIT_INPUT) from None
+
+
+def save_weights(weights: Weights, out: Path) -> None:
+    """Write ``weights`` (pruned in place) in their input format; other files of a folder are copied."""
+    try:
+        if weights.kind == "torch":
+            _atomic(out, lambda tmp: torch.save(weights.container, tmp))
+            return
+        from safetensors.torch import save_file
+
+        if weights.kind == "folder":
+            out.mkdir(parents=True, exist_ok=True)
+            for other in weights.path.iterdir():  # config, tokenizer, index: keep the copy usable
+                if other.is_file() and other.suffix != ".safetensors":
+                    shutil.copy2(other, out / other.name)
+        for name, (keys, metadata) in weights.files.items():
+            target = out / name if weights.kind == "folder" else out
+            tensors = {k: weights.state_dict[k].contiguous() for k in keys}
+            _atomic(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    except OSError as error:
+        raise CLIError(f"cannot write {out}: {error}", EXIT_OUTPUT) from None
+
+
+def _atomic(target: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the target's folder, so a failure leaves no partial file."""
+    if not target.parent.is_dir():
+        raise OSError(f"the folder {target.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _selected_layers(weights: Weights, args: argparse.Namespace) -> list[LayerMatrix]:
+    """The analysable matrices chosen by the filters (exit 4 when there are none)."""
+    try:
+        model = model_from_state_dict(weights.state_dict)
+    except Exception as error:  # noqa: BLE001 - e.g. keys that are not valid module names
+        raise CLIError(f"cannot interpret the keys of {weights.path} as layers: {_first_line(error)}",
+                       EXIT_INPUT) from None
+    if not discover_layers(model, layer_types=LAYER_TYPES):
+        raise CLIError(f"{weights.path} has no weight matrices (floating-point tensors of 2 to 5 dimensions "
+                       f"whose key ends in 'weight')", EXIT_EMPTY)
+    with _usage_errors():
+        layers = discover_layers(model, _layer_types(args.layer_types), args.include, args.exclude)
+    if not layers:
+        raise CLIError(f"no layer of {weights.path} is selected by --include/--exclude/--layer-types", EXIT_EMPTY)
+    return layers
+
+
+def analyze_with_progress(weights: Weights, args: argparse.Namespace) -> FARMSReport:
+    """:func:`farms_lightning.analyze` of the selected layers, one layer at a time under a progress bar."""
+    from tqdm import tqdm
+
+    layers = _selected_layers(weights, args)
+    with _usage_errors():
+        settings = resolve_settings(args.preset, args.window, args.aspect_ratio, args.windows_per_dim, args.fit,
+                                    args.esd, args.dtype, args.min_eigenvalues, args.peak_bound)
+    stats: list = [None] * len(layers)
+    # disable=None: the bar shows on an interactive stderr only, never in pipes or logs.
+    with tqdm(total=sum(m.num_params for m in layers), desc="FARMS", unit="w", unit_scale=True, file=sys.stderr,
+              disable=None if args.progress else True, leave=False) as bar:
+        for i, layer in enumerate(layers):
+            stats[i] = analyze_layers(layers, settings, assigned=[i])[0][i]
+            bar.update(layer.num_params)
+    return FARMSReport(stats, settings)
+
+
+def format_rows(rows: list[dict[str, Any]], fmt: str, summary: str, title: str, meta: dict[str, Any]) -> str:
+    """Rows as a fixed-width table, CSV, JSON (``meta`` plus ``layers``) or a markdown table."""
+    if fmt == "json":
+        return json.dumps(_jsonable({**meta, "layers": rows}), indent=2, allow_nan=False) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["name"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: "x".join(map(str, v)) if k == "shape" else v for k, v in r.items()} for r in rows)
+        return buffer.getvalue()
+    columns = ["name", "type", "shape", "alpha", "D", "num_evals", "status"] if "status" in (rows or [{}])[0] \
+        else list((rows or [{"name": ""}])[0])
+    cells = [[_cell(r, c) for c in columns] for r in rows]
+    if fmt == "markdown":
+        lines = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
+        lines += [f"| {' | '.join(c.replace('|', '/') for c in row)} |" for row in cells]
+        return f"{title}\n\n" + "\n".join(lines) + f"\n\n{summary}\n"
+    widths = [max(len(str(x)) for x in col) for col in zip(columns, *cells)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [columns, *cells]]
+    return f"{title}\n" + "\n".join(lines) + f"\n{summary}\n"
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    value = row[column]
+    if column == "status" and value != "ok":
+        return f"{value}: {row['reason']}"
+    if column == "shape":
+        return "x".join(map(str, value))
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def _summary_line(report: FARMSReport) -> str:
+    s = report.summary
+    mean, median = (f"{s[k]:.4g}" if not math.isnan(s[k]) else "-" for k in ("alpha_mean", "alpha_median"))
+    return (f"alpha mean {mean}, median {median}; {s['num_fitted']} fitted, {s['num_failed']} failed, "
+            f"{s['num_skipped']} skipped")
+
+
+def _settings_line(weights: Weights, report: FARMSReport) -> str:
+    s = report.settings
+    grid = "" if s["esd"] == "full" else f" m={s['window']} Q={s['aspect_ratio']} k={s['windows_per_dim']}"
+    return f"{weights.path}: {len(report)} matrices; esd={s['esd']}{grid} fit={s['fit']}"
+
+
+def write_text(text: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text)
+    except OSError as error:
+        raise CLIError(f"cannot write {output}: {error}", EXIT_OUTPUT) from None
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON-safe values: NaN/inf as null, dtypes and paths as strings."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value).removeprefix("torch.")
+
+
+def _layer_types(values: list[str] | None) -> list[str] | None:
+    return None if not values else [t for v in values for t in v.split(",") if t]
+
+
+def _first_line(error: BaseException) -> str:
+    """The first sentence of an error message (the torch reader's run on for several)."""
+    text = (str(error).strip() or type(error).__name__).splitlines()[0]
+    return text.split(". ")[0][:200]
+
+
+@contextlib.contextmanager
+def _usage_errors() -> Iterator[None]:
+    """Turn the library's ``ValueError`` (naming an argument) into exit code 2, naming the option."""
+    try:
+        yield
+    except ValueError as error:
+        message = re.sub(r"`([a-z_]+)`", lambda m: "--" + m.group(1).replace("_", "-"), str(error))
+        raise CLIError(message, EXIT_USAGE) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
