@@ -212,7 +212,7 @@ def _spread(
         name: 1.0 if a_max == a_min else (a - a_min) / (a_max - a_min) * 2 * epsilon + (1 - epsilon)
         for name, a in alphas.items()
     }
-    budget = sparsity * math.fsum(counts.values())  # the zeros to place, in parameters
+    budget = sparsity * math.fsum(counts.values())  # the weights to zero
     clipped: set[str] = set()
     while True:
         free = [name for name in alphas if name not in clipped]
@@ -221,7 +221,10 @@ def _spread(
             scale = sparsity
             result = {name: sparsity for name in free}
             break
-        scale = (budget - max_sparsity * math.fsum(counts[name] for name in clipped)) / weight
+        if clipped:
+            scale = (budget - max_sparsity * math.fsum(counts[name] for name in clipped)) / weight
+        else:  # S * (Σp / Σpr): exactly S when all r_i = 1
+            scale = sparsity * (math.fsum(counts.values()) / weight)
         result = {name: ratio[name] * scale for name in free}
         over = {name for name, s in result.items() if s > max_sparsity}
         if not over:
