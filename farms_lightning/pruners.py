@@ -152,7 +152,7 @@ def input_norms(model: nn.Module, layers: Sequence[LayerMatrix], calibration: Ca
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             for layer in module_layers:
                 # MultiheadAttention: q, k, v project the query, key and value inputs.
-                position = "qkv".index(layer.name[-1]) if layer.kind == "MultiheadAttention" else 0
+                position = "qkv".index(layer.name.rsplit(".", 1)[-1][0]) if layer.kind == "MultiheadAttention" else 0
                 key = ("query", "key", "value")[position] if layer.kind == "MultiheadAttention" else "input"
                 add(layer.name, args[position] if len(args) > position else kwargs.get(key))
         return hook
