@@ -138,13 +138,17 @@ def run_analyze(args: argparse.Namespace) -> int:
     weights = load_weights(args.path, args.trust_pickle)
     report = analyze_with_progress(weights, args)
     fmt = args.format or (SUFFIX_FORMATS.get(args.output.suffix.lower(), "table") if args.output else "table")
-    title = _settings_line(weights, report)
-    if fmt == "table":
-        text = f"{title}\n{report.to_table()}\n"
-    else:
-        text = format_rows(report.to_rows(), fmt, _summary_line(report), title,
-                           {"file": str(weights.path), "settings": report.settings, "summary": report.summary})
-    write_text(text, args.output)
+    title, table = _settings_line(weights, report), report.to_table()
+    text = f"{title}\n{table}\n" if fmt == "table" else format_rows(
+        report.to_rows(), fmt, table.rsplit("\n", 1)[-1], title,  # the table's last line is the summary
+        {"file": str(weights.path), "settings": report.settings, "summary": report.summary})
+    if args.output is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        args.output.write_text(text)
+    except OSError as error:
+        raise CLIError(f"cannot write {args.output}: {error}", EXIT_OUTPUT) from None
     return EXIT_OK
 
 
@@ -296,7 +300,8 @@ def _selected_layers(weights: Weights, args: argparse.Namespace) -> list[LayerMa
         raise CLIError(f"{weights.path} has no weight matrices (floating-point tensors of 2 to 5 dimensions "
                        f"whose key ends in 'weight')", EXIT_EMPTY)
     with _usage_errors():
-        layers = discover_layers(model, _layer_types(args.layer_types), args.include, args.exclude)
+        kinds = [t for v in args.layer_types for t in v.split(",") if t] if args.layer_types else None
+        layers = discover_layers(model, kinds, args.include, args.exclude)
     if not layers:
         raise CLIError(f"no layer of {weights.path} is selected by --include/--exclude/--layer-types", EXIT_EMPTY)
     return layers
@@ -353,27 +358,10 @@ def _cell(row: dict[str, Any], column: str) -> str:
     return "-" if value is None else str(value)
 
 
-def _summary_line(report: FARMSReport) -> str:
-    s = report.summary
-    mean, median = (f"{s[k]:.4g}" if not math.isnan(s[k]) else "-" for k in ("alpha_mean", "alpha_median"))
-    return (f"alpha mean {mean}, median {median}; {s['num_fitted']} fitted, {s['num_failed']} failed, "
-            f"{s['num_skipped']} skipped")
-
-
 def _settings_line(weights: Weights, report: FARMSReport) -> str:
     s = report.settings
     grid = "" if s["esd"] == "full" else f" m={s['window']} Q={s['aspect_ratio']} k={s['windows_per_dim']}"
     return f"{weights.path}: {len(report)} matrices; esd={s['esd']}{grid} fit={s['fit']}"
-
-
-def write_text(text: str, output: Path | None) -> None:
-    if output is None:
-        sys.stdout.write(text)
-        return
-    try:
-        output.write_text(text)
-    except OSError as error:
-        raise CLIError(f"cannot write {output}: {error}", EXIT_OUTPUT) from None
 
 
 def _jsonable(value: Any) -> Any:
@@ -387,10 +375,6 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value).removeprefix("torch.")
-
-
-def _layer_types(values: list[str] | None) -> list[str] | None:
-    return None if not values else [t for v in values for t in v.split(",") if t]
 
 
 def _first_line(error: BaseException) -> str:

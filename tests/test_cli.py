@@ -178,6 +178,7 @@ def test_prune_folder_and_state_dict(files, capsys, tmp_path):
     (["prune", "sd.pt", "--sparsity", "0.5", "-o", "sd.pt"], 2, "the input"),
     (["prune", "sd.pt", "--sparsity", "0.5"], 2, "--output"),
     (["prune", "sd.pt", "--sparsity", "0.5", "-o", "no/such/dir/x.pt"], 5, "cannot write"),
+    (["analyze", "sd.pt", "-o", "no/such/dir/r.json"], 5, "cannot write"),
 ])
 def test_errors_and_exit_codes(files, capsys, monkeypatch, argv, code, message):
     monkeypatch.chdir(files[0])
