@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from farms_lightning.analysis import analyze
+from farms_lightning.analysis import analyze, resolve_settings
 from farms_lightning.layers import LAYER_TYPES, LayerMatrix, discover_layers
 from farms_lightning.pruning import alpha_sparsity
 
@@ -32,10 +32,11 @@ def prune_model(
 ) -> dict[str, float]:
     """Zero the least important weights of each named layer, in place, to its sparsity.
 
-    Weights are set to zero (no masks, no hooks, no reparametrisation), under ``torch.no_grad()``.
-    Layer ``name`` loses exactly ``round(sparsity * numel)`` more weights (Python's ``round``: half
-    to even), the ones with the smallest scores, ties broken by position (first in row-major order
-    of the matrix as analysed). Layers not in ``sparsities`` are never touched.
+    Weights are set to zero (no masks, no hooks, no reparametrisation), under ``torch.no_grad()``:
+    in each named matrix the ``round(sparsity * numel)`` entries (Python's ``round``: half to even)
+    with the smallest scores, ties broken by position (row-major in the matrix as analysed, i.e.
+    ``(out, in)``), so a matrix without zeros ends with exactly that many. Weights that are zero
+    already score lowest and count among them. Layers not in ``sparsities`` are never touched.
 
     - ``"magnitude"``: score ``|W|`` over the whole matrix.
     - ``"wanda"``: score ``|W_ij| * ||x_j||_2`` compared within each output row ``i``, where
@@ -128,6 +129,8 @@ def smallest(scores: torch.Tensor, count: int) -> torch.Tensor:
 def wanda_mask(matrix: torch.Tensor, norms: torch.Tensor, count: int) -> torch.Tensor:
     """Wanda's choice on an ``(out, in)`` matrix: per row, the smallest ``|W_ij| * norms_j``."""
     rows = matrix.shape[0]
+    if matrix.numel() == 0:
+        return torch.zeros_like(matrix, dtype=torch.bool)
     scores = matrix.abs().to(torch.float64) * norms.to(matrix.device, torch.float64)
     order = torch.sort(scores, dim=1, stable=True).indices
     per_row = torch.full((rows,), count // rows, device=matrix.device)
@@ -211,9 +214,10 @@ class FARMSModelPruning(ModelPruning):
     Args:
         amount: target mean sparsity ``S`` (float) or ``epoch -> S``.
         epsilon, blocks, max_sparsity: as for :func:`~farms_lightning.pruning.alpha_sparsity`.
-        preset, esd, include, exclude, layer_types, \*\*analysis: as for :func:`farms_lightning.analyze`
-            (``include``/``exclude``/``layer_types`` also choose the layers pruned; default: Linear,
-            Conv and attention in-projections).
+        preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype, include, exclude, layer_types,
+            min_eigenvalues, peak_bound: as for :func:`farms_lightning.analyze`, but the preset defaults
+            to ``"llm"`` (AlphaPruning's peak fit). ``include``/``exclude``/``layer_types`` also choose
+            the layers pruned (default: Linear, Conv, attention in-projections, Conv1D).
         apply_pruning, make_pruning_permanent, use_lottery_ticket_hypothesis, verbose,
             prune_on_train_epoch_end: as for Lightning's ``ModelPruning``.
 
@@ -230,27 +234,35 @@ class FARMSModelPruning(ModelPruning):
         epsilon: float = 0.3,
         blocks: Optional[Union[str, list[str]]] = None,
         max_sparsity: float = 0.99,
-        preset: str = "cv",
+        preset: str = "llm",
+        window: Optional[int] = None,
+        aspect_ratio: Optional[float] = None,
+        windows_per_dim: Optional[int] = None,
+        fit: Optional[str] = None,
         esd: str = "farms",
+        dtype: Optional[str] = None,
         include: Optional[Union[str, list[str]]] = None,
         exclude: Optional[Union[str, list[str]]] = None,
         layer_types: Optional[list[str]] = None,
+        min_eigenvalues: int = 10,
+        peak_bound: str = "reference",
         apply_pruning: Union[bool, Callable[[int], bool]] = True,
         make_pruning_permanent: bool = True,
         use_lottery_ticket_hypothesis: Union[bool, Callable[[int], bool]] = False,
         verbose: int = 0,
         prune_on_train_epoch_end: bool = True,
-        **analysis: Any,
     ) -> None:
         super().__init__("l1_unstructured", parameter_names=["weight"], use_global_unstructured=False,
                          amount=amount, apply_pruning=apply_pruning, make_pruning_permanent=make_pruning_permanent,
                          use_lottery_ticket_hypothesis=use_lottery_ticket_hypothesis, verbose=verbose,
                          prune_on_train_epoch_end=prune_on_train_epoch_end)
-        if not callable(amount):
-            alpha_sparsity({}, amount, epsilon, max_sparsity=max_sparsity)  # validate early
+        # Fail at construction, not epochs into training, on bad numbers or engine options.
+        alpha_sparsity({}, 0.0 if callable(amount) else amount, epsilon, blocks=blocks, max_sparsity=max_sparsity)
+        resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype, min_eigenvalues, peak_bound)
         self.epsilon, self.blocks, self.max_sparsity = epsilon, blocks, max_sparsity
-        self.analysis = dict(preset=preset, esd=esd, include=include, exclude=exclude, layer_types=layer_types,
-                             **analysis)
+        self.analysis = dict(preset=preset, window=window, aspect_ratio=aspect_ratio, windows_per_dim=windows_per_dim,
+                             fit=fit, esd=esd, dtype=dtype, include=include, exclude=exclude, layer_types=layer_types,
+                             min_eigenvalues=min_eigenvalues, peak_bound=peak_bound)
         self.alphas: dict[str, Optional[float]] = {}
         self.sparsities: dict[str, float] = {}
         self._targets: list[tuple[LayerMatrix, nn.Module, str]] = []

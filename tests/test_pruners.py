@@ -201,7 +201,7 @@ def test_model_pruning_callback_prunes_attention_rows_per_matrix():
     callback = FARMSModelPruning(amount=0.5, esd="full")
     callback.setup(None, model, "fit")
     callback.apply_pruning(0.5)
-    report = analyze(dense, esd="full")
+    report = analyze(dense, "llm", esd="full")
     assert callback.alphas == report.alphas
     targets = alpha_sparsity(report, 0.5)
     mask = model.attn.in_proj_weight_mask
@@ -240,9 +240,9 @@ def test_farms_model_pruning_in_a_real_fit(tmp_path):
     with torch.no_grad():
         for name, weight in before.weights[0].items():
             probe.get_submodule(name).weight.copy_(weight)
-    report = analyze(probe)
+    report = analyze(probe, "llm")  # the callback's default preset
     assert pruning.alphas == {s.name: s.alpha for s in report.layers}
-    assert report["features.0"].status == "skipped"
+    assert report["features.0"].status == "skipped" and len(report.alphas) == 4
     counts = {s.name: s.num_params for s in report.layers}
     previous = {name: np.zeros(before.weights[0][name].shape, dtype=bool) for name in counts}
     for epoch, target in enumerate([0.3, 0.6]):
@@ -264,3 +264,11 @@ def test_farms_model_pruning_in_a_real_fit(tmp_path):
     fit.save_checkpoint(tmp_path / "pruned.ckpt")
     state = torch.load(tmp_path / "pruned.ckpt", weights_only=True)["callbacks"]["FARMSModelPruning"]
     assert state["alphas"] == pruning.alphas
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    ({"amount": 1.5}, "sparsity"), ({"epsilon": 1.0}, "epsilon"), ({"fit": "best"}, "fit"), ({"window": 1}, "window"),
+])
+def test_model_pruning_rejects_bad_arguments_at_construction(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        FARMSModelPruning(**kwargs)
