@@ -61,7 +61,8 @@ def alpha_sparsity(
         blocks: block-wise mode: a glob (or list of globs, first match wins) whose match is a
             block's name prefix, e.g. ``"encoder.layer.*"`` makes ``encoder.layer.0`` a block. A
             block's alpha is the mean alpha of its matrices, broadcast back to each of them;
-            matrices outside every block keep their own alpha.
+            matrices outside every block keep their own alpha, and matrices without an alpha
+            still get ``S``.
         max_sparsity: the largest sparsity of any layer, ``0 < max_sparsity <= 1``.
 
     Returns:
