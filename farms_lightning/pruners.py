@@ -155,9 +155,12 @@ def input_norms(model: nn.Module, layers: Sequence[LayerMatrix], calibration: Ca
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             for layer in module_layers:
                 # MultiheadAttention: q, k, v project the query, key and value inputs.
-                position = "qkv".index(layer.name.rsplit(".", 1)[-1][0]) if layer.kind == "MultiheadAttention" else 0
-                key = ("query", "key", "value")[position] if layer.kind == "MultiheadAttention" else "input"
-                add(layer.name, args[position] if len(args) > position else kwargs.get(key))
+                if layer.kind == "MultiheadAttention":
+                    position = "qkv".index(layer.name.rsplit(".", 1)[-1][0])
+                    add(layer.name, args[position] if len(args) > position else
+                        kwargs.get(("query", "key", "value")[position]))
+                else:
+                    add(layer.name, args[0] if args else next(iter(kwargs.values()), None))
         return hook
 
     by_module: dict[int, tuple[nn.Module, list[LayerMatrix]]] = {}
@@ -177,7 +180,8 @@ def input_norms(model: nn.Module, layers: Sequence[LayerMatrix], calibration: Ca
             m.training = training
     missing = [layer.name for layer in layers if layer.name not in sums]
     if missing:
-        raise ValueError(f"the calibration never reached {len(missing)} layer(s), e.g. {missing[:3]}")
+        raise ValueError(f"the calibration never reached {len(missing)} layer(s), e.g. {missing[:3]}; an "
+                         f"nn.MultiheadAttention applies its out_proj without calling it: prune those by magnitude")
     return {name: s.sqrt() for name, s in sums.items()}
 
 

@@ -193,6 +193,12 @@ def test_errors_leave_the_weights_alone(sparsities, kwargs, message):
     unchanged(before, model, set())
 
 
+def test_wanda_cannot_see_the_inputs_of_attention_out_proj():
+    model = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    with pytest.raises(ValueError, match=r"never reached 1 layer\(s\), e.g. \['self_attn.out_proj'\]"):
+        prune_model(model, {"self_attn.out_proj": 0.5, "linear1": 0.5}, "wanda", calibration=torch.randn(2, 4, 16))
+
+
 def test_model_pruning_callback_prunes_attention_rows_per_matrix():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(32, 96))
