@@ -22,6 +22,7 @@ from farms_lightning.powerlaw import (
     validate_fit_args,
 )
 from farms_lightning.report import FARMSReport, LayerStats
+from farms_lightning.threads import parallel_map, single_threaded_ops
 from farms_lightning.spectra import DTypeLike, WindowSet, compute_spectra, full_grid, resolve_dtype
 from farms_lightning.windows import WindowGrid, conv_block_shape, farms_grid, validate_window_args
 
@@ -133,16 +134,22 @@ def analyze_layers(
     owners: dict[tuple, str] = {}
     todo = set(range(len(layers))) if assigned is None else set(assigned)
     eigenvalues: dict[str, list[torch.Tensor]] = {}
+    workers = torch.get_num_threads()
     with torch.no_grad():
         plans = [_plan(layer, settings, owners, i in todo) for i, layer in enumerate(layers)]
         spectra = _solve_all([p for p in plans if isinstance(p, WindowSet)], settings["dtype"])
-        stats: list[LayerStats | None] = []
-        for layer, plan in zip(layers, plans):
-            if isinstance(plan, WindowSet):
-                if keep_eigenvalues and not isinstance(spectra[id(plan)], Exception):
-                    eigenvalues[layer.name] = spectra[id(plan)]  # type: ignore[assignment]
-                plan = _fit_layer(layer, spectra[id(plan)], plan.matrices.dtype, settings)
-            stats.append(plan)
+
+        def finish(item: tuple[LayerMatrix, LayerStats | WindowSet | None]) -> LayerStats | None:
+            layer, plan = item
+            if not isinstance(plan, WindowSet):
+                return plan
+            return _fit_layer(layer, spectra[id(plan)], plan.matrices.dtype, settings)
+
+        with single_threaded_ops():  # layers are fitted in parallel, each op on one thread
+            stats = parallel_map(finish, list(zip(layers, plans)), workers)
+    if keep_eigenvalues:
+        eigenvalues = {layer.name: spectra[id(plan)] for layer, plan in zip(layers, plans)  # type: ignore[misc]
+                       if isinstance(plan, WindowSet) and not isinstance(spectra[id(plan)], Exception)}
     return stats, eigenvalues
 
 

@@ -16,6 +16,8 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+from farms_lightning.threads import single_threaded_ops
+
 FIT_METHODS = ("median", "ks", "peak")
 PEAK_BOUNDS = ("reference", "corrected")
 #: Eigenvalues at or below this fraction of the largest are numerically zero and dropped.
@@ -39,7 +41,9 @@ def flat_tolerance_for(weight_dtype: torch.dtype) -> float:
 #: Elements of one temporary (candidates x points) block in the distance scan.
 SCAN_CHUNK = 1 << 22
 #: Sample counts of the successive pruning passes of the ks/peak scan.
-PRUNE_SAMPLES = (64, 1024)
+PRUNE_SAMPLES = (32, 256, 2048)
+#: Below this many (candidate, point) pairs the exact scan is cheaper than pruning first.
+DIRECT_SCAN_PAIRS = 1 << 18
 
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[float]]
 
@@ -122,7 +126,8 @@ def fit_power_law(
     """
     validate_fit_args(method, min_eigenvalues, peak_bound)
     values, dropped = nonzero_eigenvalues(ev)
-    return fit_nonzero(values, dropped, method, min_eigenvalues, peak_bound, flat_tolerance)
+    with single_threaded_ops():  # see farms_lightning.threads: faster and robust on busy cores
+        return fit_nonzero(values, dropped, method, min_eigenvalues, peak_bound, flat_tolerance)
 
 
 def fit_nonzero(
@@ -254,7 +259,7 @@ class _TailStatistics:
         """The candidate with the smallest D (the first on ties) and that D, pruned exactly."""
         slack = 1e-12  # covers rounding in the bounds; pruning needs lower > best upper + slack
         for samples in PRUNE_SAMPLES:
-            if len(idx) * float(self.count[idx].max()) <= SCAN_CHUNK * 4:
+            if len(idx) * float(self.count[idx].max()) <= DIRECT_SCAN_PAIRS:
                 break
             lower, upper = self.bounds(idx, samples)
             idx = idx[lower <= upper.min() + slack]

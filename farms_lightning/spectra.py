@@ -17,6 +17,7 @@ from typing import Union
 
 import torch
 
+from farms_lightning.threads import parallel_map, single_threaded_ops
 from farms_lightning.windows import WindowGrid, farms_grid, validate_window_args
 
 DTypeLike = Union[torch.dtype, str, None]
@@ -100,9 +101,15 @@ def compute_spectra(window_sets: list[WindowSet], dtype: DTypeLike = None) -> li
         ws.pieces = defaultdict(list)
         key = (ws.grid.rows, ws.grid.cols, ws.matrices.device)
         by_shape[key].append((ws, ws.window_index()))
-    for (rows, cols, _), members in by_shape.items():
+    workers = torch.get_num_threads()
+    batches: list[list[tuple[WindowSet, torch.Tensor]]] = []
+    cpu_batches = 0
+    for (rows, cols, device), members in by_shape.items():
+        total = sum(len(index) for _, index in members)
         per_window = rows * cols + min(rows, cols) ** 2
         batch = max(1, CHUNK_ELEMENTS // per_window)
+        if device.type == "cpu":  # at least one batch per worker thread
+            batch = min(batch, -(-total // workers))
         # Work list of (set, index rows) slices, cut into batches of at most `batch` windows.
         pending: list[tuple[WindowSet, torch.Tensor]] = []
         size = 0
@@ -110,24 +117,39 @@ def compute_spectra(window_sets: list[WindowSet], dtype: DTypeLike = None) -> li
             for start in range(0, len(index), batch):
                 part = index[start:start + batch]
                 if size + len(part) > batch:
-                    _solve(pending, solver_dtype)
+                    batches.append(pending)
                     pending, size = [], 0
                 pending.append((ws, part))
                 size += len(part)
-        _solve(pending, solver_dtype)
+        if pending:
+            batches.append(pending)
+        cpu_batches += device.type == "cpu"
+    for pending, ev in zip(batches, _solve_batches(batches, solver_dtype, workers if cpu_batches else 1)):
+        _distribute(pending, ev)
     return [ws.eigenvalues() for ws in window_sets]
 
 
-def _solve(pending: list[tuple[WindowSet, torch.Tensor]], dtype: torch.dtype) -> None:
-    if not pending:
-        return
-    windows = torch.cat([ws.extract(index) for ws, index in pending])
-    ev = gram_eigenvalues(windows, dtype).to(device="cpu", dtype=torch.float64)
+def _solve_batches(
+    batches: list[list[tuple[WindowSet, torch.Tensor]]], dtype: torch.dtype, workers: int
+) -> list[torch.Tensor]:
+    """Eigenvalues of every batch (float64, CPU); CPU batches run on a pool of single-op threads."""
+    def solve(pending: list[tuple[WindowSet, torch.Tensor]]) -> torch.Tensor:
+        windows = torch.cat([ws.extract(index) for ws, index in pending])
+        return gram_eigenvalues(windows, dtype).to(device="cpu", dtype=torch.float64)
+
+    with single_threaded_ops():
+        return parallel_map(solve, batches, workers)
+
+
+def _distribute(pending: list[tuple[WindowSet, torch.Tensor]], ev: torch.Tensor) -> None:
     offset = 0
     for ws, index in pending:
         block = ev[offset:offset + len(index)]
         offset += len(index)
-        groups = index[:, 1] if ws.group_by_row_start else torch.zeros(len(index), dtype=torch.long)
+        if not ws.group_by_row_start:
+            ws.pieces[0].append(block.reshape(-1))
+            continue
+        groups = index[:, 1]
         for g in torch.unique(groups).tolist():
             ws.pieces[g].append(block[groups == g].reshape(-1))
 
