@@ -6,6 +6,7 @@ windows batched -> fit each pooled ESD -> metrics -> :class:`FARMSReport`.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from typing import Any, Collection, Union
 
@@ -125,15 +126,22 @@ def analyze_layers(
     settings: dict[str, Any],
     assigned: Collection[int] | None = None,
     keep_eigenvalues: bool = False,
+    frozen_cache: dict[tuple, LayerStats] | None = None,
 ) -> tuple[list[LayerStats | None], dict[str, list[torch.Tensor]]]:
     """Statistics of ``layers`` (those at ``assigned`` positions only; ``None`` elsewhere).
 
     Weight sharing is resolved over all layers, so every subset agrees with a whole analysis.
     With ``keep_eigenvalues`` also returns each fitted layer's ESDs (one per conv block) by name.
+    With ``frozen_cache`` (a dict kept by the caller between analyses, same settings), a frozen
+    layer (``requires_grad=False``) whose weight was not modified since (same tensor version) reuses
+    its earlier statistics instead of being analysed again.
     """
     owners: dict[tuple, str] = {}
     todo = set(range(len(layers))) if assigned is None else set(assigned)
     eigenvalues: dict[str, list[torch.Tensor]] = {}
+    frozen = {i: _frozen_key(layers[i]) for i in todo} if frozen_cache is not None else {}
+    reused = {i: frozen_cache[key] for i, key in frozen.items() if key is not None and key in frozen_cache}  # type: ignore[index]
+    todo -= set(reused)
     workers = torch.get_num_threads()
     with torch.no_grad():
         plans = [_plan(layer, settings, owners, i in todo) for i, layer in enumerate(layers)]
@@ -147,10 +155,23 @@ def analyze_layers(
 
         with single_threaded_ops():  # layers are fitted in parallel, each op on one thread
             stats = parallel_map(finish, list(zip(layers, plans)), workers)
+    for i, cached in reused.items():
+        stats[i] = dataclasses.replace(cached, name=layers[i].name)
+    for i, key in frozen.items():
+        if key is not None and stats[i] is not None:
+            frozen_cache[key] = stats[i]  # type: ignore[index]
     if keep_eigenvalues:
         eigenvalues = {layer.name: spectra[id(plan)] for layer, plan in zip(layers, plans)  # type: ignore[misc]
                        if isinstance(plan, WindowSet) and not isinstance(spectra[id(plan)], Exception)}
     return stats, eigenvalues
+
+
+def _frozen_key(layer: LayerMatrix) -> tuple | None:
+    """Identity and in-place version of a frozen, materialised weight; ``None`` if trainable."""
+    w = layer.weight
+    if w.requires_grad or layer.is_lazy or w.is_meta:
+        return None
+    return layer.identity() + (w._version,)
 
 
 def _skipped(layer: LayerMatrix, reason: str) -> LayerStats:

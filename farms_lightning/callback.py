@@ -112,6 +112,8 @@ class FARMSCallback(Callback):
         self._pending: dict[str, int] | None = None
         self._warned: set[tuple[str, str]] = set()
         self._trainer: pl.Trainer | None = None
+        # Frozen layers whose weights did not change since the last analysis are not analysed again.
+        self._frozen_cache: dict[tuple, Any] = {}
 
     @property
     def state_key(self) -> str:
@@ -191,7 +193,8 @@ class FARMSCallback(Callback):
              log_now: bool, on_step: bool = False) -> None:
         start = time.perf_counter()
         report = analyze_distributed(pl_module, self.settings, self.include, self.exclude, self.layer_types,
-                                     keep_eigenvalues=self.log_figures)
+                                     keep_eigenvalues=self.log_figures,
+                                     frozen_cache=None if self.log_figures else self._frozen_cache)
         elapsed = time.perf_counter() - start
         self.last_report = report
         entry = {"stage": stage, "epoch": epoch, "step": step, "time_s": elapsed,

@@ -40,6 +40,7 @@ def analyze_distributed(
     exclude: Any = None,
     layer_types: Any = None,
     keep_eigenvalues: bool = False,
+    frozen_cache: dict | None = None,
 ) -> FARMSReport:
     """Like :func:`~farms_lightning.analyze`, with the layers split across ranks.
 
@@ -51,7 +52,8 @@ def analyze_distributed(
     rank, world_size = distributed_context()
     owner = assign_layers(layers, world_size)
     mine = [i for i, r in enumerate(owner) if r == rank]
-    stats, eigenvalues = analyze_layers(layers, settings, assigned=mine, keep_eigenvalues=keep_eigenvalues)
+    stats, eigenvalues = analyze_layers(layers, settings, assigned=mine, keep_eigenvalues=keep_eigenvalues,
+                                        frozen_cache=frozen_cache)
     if world_size > 1:
         local = ({i: stats[i] for i in mine}, eigenvalues)
         gathered: list[tuple[dict[int, LayerStats], dict] | None] = [None] * world_size

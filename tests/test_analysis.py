@@ -187,3 +187,27 @@ def test_orthogonal_layers_are_flat_in_every_precision(dtype):
     report = analyze(model)
     for name in ("0", "1"):
         assert report[name].status == "failed" and "flat spectrum" in report[name].reason
+
+
+def test_frozen_unchanged_layers_are_reused_not_reanalysed(monkeypatch):
+    from farms_lightning import analysis
+    from farms_lightning.layers import discover_layers
+
+    model = small_cnn()
+    for p in list(model[7].parameters()) + list(model[2].parameters()):
+        p.requires_grad_(False)
+    fitted = []
+    original = analysis._fit_layer
+    monkeypatch.setattr(analysis, "_fit_layer", lambda layer, *a: fitted.append(layer.name) or original(layer, *a))
+    settings = analysis.resolve_settings()
+    cache: dict = {}
+    first, _ = analysis.analyze_layers(discover_layers(model), settings, frozen_cache=cache)
+    assert sorted(fitted) == ["0", "2", "4", "5", "7", "9"]
+    fitted.clear()
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)  # trainable: always analysed
+        model[2].weight.mul_(2.0)  # frozen but modified in place: analysed again
+    second, _ = analysis.analyze_layers(discover_layers(model), settings, frozen_cache=cache)
+    assert sorted(fitted) == ["0", "2", "4", "5", "9"]  # "7" frozen and unchanged: reused
+    assert second[4] == first[4] and second[4] == analyze(model)["7"]
+    assert second[1].lambda_max == pytest.approx(4 * first[1].lambda_max)
