@@ -4,6 +4,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 
@@ -199,8 +200,10 @@ def test_console_script(files, tmp_path):
         "junk": (["analyze", root / "junk.ckpt"], 3),
         "nothing": (["analyze", root / "nomat.pt"], 4),
     }
+    # One thread each: four processes at once would oversubscribe the cores (OpenMP threads spin-wait).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running = {k: subprocess.Popen(["farms-lightning", *map(str, argv)], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True) for k, (argv, _) in commands.items()}
+                                   stderr=subprocess.PIPE, text=True, env=env) for k, (argv, _) in commands.items()}
     results = {k: (p.communicate(timeout=300), p.returncode) for k, p in running.items()}
     results = {k: (code, out, err) for k, ((out, err), code) in results.items()}
     for key, (code, out, err) in results.items():
