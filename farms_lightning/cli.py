@@ -239,8 +239,7 @@ def sniff_format(path: Path) -> str | None:
         return "torch"
     if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 40:
         return "safetensors"  # an 8-byte little-endian header length, then the JSON header
-    # A truncated safetensors header is still reported as such, from the suffix.
-    return "safetensors" if path.suffix.lower() == ".safetensors" else None
+    return "safetensors" if path.suffix.lower() == ".safetensors" else None  # e.g. a truncated header
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
@@ -308,7 +307,7 @@ def _selected_layers(weights: Weights, args: argparse.Namespace) -> list[LayerMa
 
 
 def analyze_with_progress(weights: Weights, args: argparse.Namespace) -> FARMSReport:
-    """:func:`farms_lightning.analyze` of the selected layers, one layer at a time under a progress bar."""
+    """:func:`farms_lightning.analyze` of the selected layers, a few layers at a time under a progress bar."""
     from tqdm import tqdm
 
     layers = _selected_layers(weights, args)
@@ -316,12 +315,15 @@ def analyze_with_progress(weights: Weights, args: argparse.Namespace) -> FARMSRe
         settings = resolve_settings(args.preset, args.window, args.aspect_ratio, args.windows_per_dim, args.fit,
                                     args.esd, args.dtype, args.min_eigenvalues, args.peak_bound)
     stats: list = [None] * len(layers)
+    # Chunks of at least one layer per thread keep the engine's parallel fits; ~20 steps at most.
+    size = max(torch.get_num_threads(), math.ceil(len(layers) / 20))
     # disable=None: the bar shows on an interactive stderr only, never in pipes or logs.
     with tqdm(total=sum(m.num_params for m in layers), desc="FARMS", unit="w", unit_scale=True, file=sys.stderr,
               disable=None if args.progress else True, leave=False) as bar:
-        for i, layer in enumerate(layers):
-            stats[i] = analyze_layers(layers, settings, assigned=[i])[0][i]
-            bar.update(layer.num_params)
+        for start in range(0, len(layers), size):
+            chunk = range(start, min(start + size, len(layers)))
+            stats[chunk.start:chunk.stop] = analyze_layers(layers, settings, assigned=chunk)[0][chunk.start:chunk.stop]
+            bar.update(sum(layers[i].num_params for i in chunk))
     return FARMSReport(stats, settings)
 
 
