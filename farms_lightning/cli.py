@@ -58,7 +58,7 @@ class Weights:
     kind: str  # "torch" or "safetensors" (a file), "folder" (of safetensors files)
     state_dict: dict[str, torch.Tensor]
     container: Any = None  # torch: the loaded object, written back whole
-    files: dict[str, tuple[list[str], dict[str, str] | None]] = field(default_factory=dict)
+    files: dict[str, tuple[list[str], dict[str, str] | None]] = field(default_factory=dict)  # name: keys, metadata
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,9 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         $ farms-lightning analyze model.safetensors --fit peak --format json --output alphas.json
         $ farms-lightning prune last.ckpt --sparsity 0.5 --allocation alpha --output pruned.ckpt
     """
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help (0) or an argparse usage error (2, already printed)
         return int(done.code or 0)
     try:
@@ -82,9 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="farms-lightning", description=__doc__.split("\n\n")[0],
-                                     epilog="exit codes: 0 ok, 1 internal error, 2 usage error, 3 unreadable or "
-                                            "unknown input, 4 nothing to analyse, 5 output not writable")
+    epilog = "exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 nothing to analyse, 5 output not writable"
+    parser = argparse.ArgumentParser(prog="farms-lightning", description=__doc__.split("\n\n")[0], epilog=epilog)
     commands = parser.add_subparsers(required=True, metavar="{analyze,prune}")
     analyze_cmd = commands.add_parser("analyze", help="FARMS alphas of every weight matrix")
     _add_input(analyze_cmd)
@@ -263,8 +261,10 @@ def save_weights(weights: Weights, out: Path) -> None:
 
         if weights.kind == "folder":
             out.mkdir(parents=True, exist_ok=True)
-            for other in weights.path.iterdir():  # config, tokenizer, index: keep the copy usable
-                if other.is_file() and other.suffix != ".safetensors":
+            for other in weights.path.iterdir():  # config, tokenizer, sub-folders: keep the copy usable
+                if other.is_dir():
+                    shutil.copytree(other, out / other.name, dirs_exist_ok=True)
+                elif other.suffix != ".safetensors":
                     shutil.copy2(other, out / other.name)
         for name, (keys, metadata) in weights.files.items():
             target = out / name if weights.kind == "folder" else out
@@ -355,9 +355,9 @@ def _cell(row: dict[str, Any], column: str) -> str:
         return f"{value}: {row['reason']}"
     if column == "shape":
         return "x".join(map(str, value))
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.4g}"
-    return "-" if value is None else str(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _settings_line(weights: Weights, report: FARMSReport) -> str:

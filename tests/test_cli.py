@@ -45,6 +45,8 @@ def files(tmp_path_factory):
     save_file({k: v for k, v in sd.items() if k.startswith("enc")}, root / "shards" / "model-1.safetensors")
     save_file({k: v for k, v in sd.items() if not k.startswith("enc")}, root / "shards" / "model-2.safetensors")
     (root / "shards" / "config.json").write_text('{"hidden": 200}')
+    (root / "shards" / "1_Pooling").mkdir()
+    (root / "shards" / "1_Pooling" / "config.json").write_text('{"mean": true}')
     (root / "trunc.pt").write_bytes((root / "sd.pt").read_bytes()[:400])
     (root / "trunc.safetensors").write_bytes((root / "sd.safetensors").read_bytes()[:400])
     (root / "junk.ckpt").write_text("not a checkpoint\n" * 10)
@@ -150,6 +152,7 @@ def test_prune_folder_and_state_dict(files, capsys, tmp_path):
     code, _, _ = run(["prune", root / "shards", "--sparsity", 0.4, "--esd", "full", "--blocks", "enc",
                       "-o", tmp_path / "out"], capsys)
     assert code == 0 and (tmp_path / "out" / "config.json").read_text() == '{"hidden": 200}'
+    assert (tmp_path / "out" / "1_Pooling" / "config.json").read_text() == '{"mean": true}'
     targets = alpha_sparsity(analyze(model_from_state_dict(sd), "llm", esd="full"), 0.4, blocks="enc")
     assert targets["enc.0"] == targets["enc.1"]
     shard = load_file(tmp_path / "out" / "model-1.safetensors")
