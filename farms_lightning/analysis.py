@@ -7,6 +7,7 @@ windows batched -> fit each pooled ESD -> metrics -> :class:`FARMSReport`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from typing import Any, Collection, Union
 
@@ -143,9 +144,9 @@ def analyze_layers(
     reused = {i: frozen_cache[key] for i, key in frozen.items() if key is not None and key in frozen_cache}  # type: ignore[index]
     todo -= set(reused)
     workers = torch.get_num_threads()
-    with torch.no_grad():
+    with torch.no_grad(), single_threaded_ops():  # parallel work runs on a pool instead (threads.py)
         plans = [_plan(layer, settings, owners, i in todo) for i, layer in enumerate(layers)]
-        spectra = _solve_all([p for p in plans if isinstance(p, WindowSet)], settings["dtype"])
+        spectra = _solve_all([p for p in plans if isinstance(p, WindowSet)], settings["dtype"], workers)
 
         def finish(item: tuple[LayerMatrix, LayerStats | WindowSet | None]) -> LayerStats | None:
             layer, plan = item
@@ -153,8 +154,7 @@ def analyze_layers(
                 return plan
             return _fit_layer(layer, spectra[id(plan)], plan.matrices.dtype, settings)
 
-        with single_threaded_ops():  # layers are fitted in parallel, each op on one thread
-            stats = parallel_map(finish, list(zip(layers, plans)), workers)
+        stats = parallel_map(finish, list(zip(layers, plans)), workers)
     for i, cached in reused.items():
         stats[i] = dataclasses.replace(cached, name=layers[i].name)
     for i, key in frozen.items():
@@ -197,9 +197,10 @@ def _plan(
             return _skipped(layer, f"non-float weights ({w.dtype})")
         if w.numel() == 0:
             return _skipped(layer, "empty weights")
-        if not bool(torch.isfinite(w).all()):
+        low, high = (float(v) for v in torch.aminmax(w))  # one pass: NaN and inf propagate
+        if not (math.isfinite(low) and math.isfinite(high)):
             return _skipped(layer, "non-finite weights")
-        if not bool(w.any()):
+        if low == high == 0:
             return _skipped(layer, "all-zero weights")
         windows = _conv_windows(w, settings) if layer.is_conv else _matrix_windows(w, settings)
     except Exception as error:  # noqa: BLE001 - a layer never crashes the analysis
@@ -239,15 +240,17 @@ def _conv_windows(w: torch.Tensor, settings: dict[str, Any]) -> WindowSet:
     return WindowSet(matrices, grid, scale=CONV_EIGENVALUE_SCALE, group_by_row_start=True)
 
 
-def _solve_all(window_sets: list[WindowSet], dtype: DTypeLike) -> dict[int, list[torch.Tensor] | Exception]:
+def _solve_all(
+    window_sets: list[WindowSet], dtype: DTypeLike, workers: int
+) -> dict[int, list[torch.Tensor] | Exception]:
     """Eigenvalues of every set, batched; on an error, set by set so one bad layer fails alone."""
     try:
-        return {id(ws): ev for ws, ev in zip(window_sets, compute_spectra(window_sets, dtype))}
+        return {id(ws): ev for ws, ev in zip(window_sets, compute_spectra(window_sets, dtype, workers))}
     except Exception:  # noqa: BLE001
         out: dict[int, list[torch.Tensor] | Exception] = {}
         for ws in window_sets:
             try:
-                out[id(ws)] = compute_spectra([ws], dtype)[0]
+                out[id(ws)] = compute_spectra([ws], dtype, workers)[0]
             except Exception as error:  # noqa: BLE001
                 out[id(ws)] = error
         return out

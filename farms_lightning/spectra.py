@@ -90,10 +90,14 @@ def gram_eigenvalues(windows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).clamp_min_(0)
 
 
-def compute_spectra(window_sets: list[WindowSet], dtype: DTypeLike = None) -> list[list[torch.Tensor]]:
+def compute_spectra(
+    window_sets: list[WindowSet], dtype: DTypeLike = None, workers: int | None = None
+) -> list[list[torch.Tensor]]:
     """Solve all windows of all sets, batching windows of equal shape across sets.
 
-    Returns, for each set, the sorted float64 eigenvalues of each of its groups.
+    CPU batches are spread over ``workers`` threads (default: torch's thread count), each op on
+    one intra-op thread (see :mod:`farms_lightning.threads`). Returns, for each set, the sorted
+    float64 eigenvalues of each of its groups.
     """
     solver_dtype = resolve_dtype(dtype)
     by_shape: dict[tuple, list[tuple[WindowSet, torch.Tensor]]] = defaultdict(list)
@@ -101,7 +105,7 @@ def compute_spectra(window_sets: list[WindowSet], dtype: DTypeLike = None) -> li
         ws.pieces = defaultdict(list)
         key = (ws.grid.rows, ws.grid.cols, ws.matrices.device)
         by_shape[key].append((ws, ws.window_index()))
-    workers = torch.get_num_threads()
+    workers = workers or torch.get_num_threads()
     batches: list[list[tuple[WindowSet, torch.Tensor]]] = []
     cpu_batches = 0
     for (rows, cols, device), members in by_shape.items():
