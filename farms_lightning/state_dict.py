@@ -37,7 +37,12 @@ def model_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
             if part not in parent._modules:
                 parent.add_module(part, nn.Module())
             parent = parent._modules[part]  # type: ignore[assignment]
-        parent.add_module(parts[-1], _shell(tensor, key))
+        shell = _shell(tensor, key)
+        existing = parent._modules.get(parts[-1])
+        if existing is not None:  # "a.b.weight" came before "a.weight": keep a's children
+            for name, child in existing._modules.items():
+                shell.add_module(name, child)
+        parent.add_module(parts[-1], shell)
     return root
 
 

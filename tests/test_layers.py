@@ -110,3 +110,16 @@ def test_shared_modules_and_tied_weights_are_analysed_once():
     assert report["head"].status == "skipped" and report["head"].reason == "shares weights with embed"
     assert report["again"].status == "skipped" and report["again"].reason == "shares weights with body"
     assert report.summary["num_fitted"] == 2
+
+
+@pytest.mark.parametrize("order", [("a.b.weight", "a.weight"), ("a.weight", "a.b.weight")])
+def test_state_dict_shells_keep_every_layer_in_any_key_order(order):
+    from farms_lightning.state_dict import model_from_state_dict
+
+    tensors = {"a.weight": torch.randn(30, 20), "a.b.weight": torch.randn(40, 30, 3, 3), "a.bias": torch.randn(30),
+               "emb.word_embeddings.weight": torch.randn(50, 20), "ids": torch.arange(5)}
+    model = model_from_state_dict({k: tensors[k] for k in (*order, "a.bias", "emb.word_embeddings.weight", "ids")})
+    layers = {l.name: l for l in discover_layers(model, layer_types=list(DEFAULTS) + ["Embedding"])}
+    assert sorted(layers) == ["a", "a.b", "emb.word_embeddings"]
+    assert layers["a.b"].kind == "Conv2d" and layers["emb.word_embeddings"].kind == "Embedding"
+    assert layers["a"].weight is tensors["a.weight"] or torch.equal(layers["a"].weight, tensors["a.weight"])
