@@ -23,7 +23,7 @@ from farms_lightning.windows import WindowGrid, farms_grid, validate_window_args
 DTypeLike = Union[torch.dtype, str, None]
 
 #: Upper bound on the float64 elements of the windows plus Gram matrices held at once per chunk.
-CHUNK_ELEMENTS = 1 << 25
+CHUNK_ELEMENTS = 1 << 22
 
 
 def resolve_dtype(dtype: DTypeLike) -> torch.dtype:
