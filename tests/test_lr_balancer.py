@@ -177,3 +177,43 @@ def test_a_layer_without_fit_keeps_factor_one_and_is_reported(tmp_path):
     position = [g["name"] for g in opt.param_groups].index("head.2")
     assert all(u[position] == s[position] for u, s in zip(opt.used, scheduled.scheduled))
     assert sorted(balancer.lr_factors.values()) == [0.5, 1.5]
+
+
+class TwoOptimizers(LRNet):
+    """Manual optimization with two optimizers: the features and the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self):
+        features = RecordingSGD(farms_param_groups(self.features), lr=0.02)
+        head = RecordingSGD(farms_param_groups(self.head), lr=0.05)
+        return [features, head]
+
+
+def test_manual_optimization_with_two_optimizers(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    balancer = FARMSLRBalancer()
+    t = trainer(tmp_path, max_epochs=2, callbacks=[balancer], limit_train_batches=STEPS_PER_EPOCH)
+    t.fit(TwoOptimizers(), loaders()[0])
+    analyses = [h for h in balancer.history if h["stage"] in ("train_start", "epoch")]
+    owner = {id(p): name for name, params in balancer._layer_params.items() for p in params}
+    for opt, base in zip(t.optimizers, (0.02, 0.05)):
+        # Groups were built on submodules ("0", "2", ...): layers are found by parameter identity.
+        layers = [owner.get(id(g["params"][0])) for g in opt.param_groups]
+        assert len(opt.used) == 2 * STEPS_PER_EPOCH
+        for step, lrs in enumerate(opt.used):
+            factors = analyses[step // STEPS_PER_EPOCH]["lr_factors"]
+            assert lrs == [base * factors.get(layer, 1.0) for layer in layers]
+        assert [g["lr"] for g in opt.param_groups] == [base] * len(layers)
+    assert set(analyses[-1]["lr_factors"]) == {"head.0", "head.2", "head.4"}
