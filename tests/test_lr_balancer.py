@@ -119,6 +119,9 @@ def test_used_lr_is_factor_times_scheduled_lr(tmp_path, scheduler):
     # The user's LRs are left in place: the scheduler's own view is unscaled.
     assert all(lrs[0] == lrs[-1] for lrs in scheduled.scheduled)
     assert float(t.callback_metrics["farms/lr_factor/head.2"]) == pytest.approx(analyses[-1]["lr_factors"]["head.2"])
+    # The logged effective LR of a layer is the LR its group used in the last step.
+    position = names.index("head.2")
+    assert float(t.callback_metrics["farms/lr/head.2"]) == pytest.approx(used[-1][position], rel=1e-6)
 
 
 def test_resumed_run_uses_bit_identical_lrs(tmp_path):
