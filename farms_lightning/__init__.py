@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from farms_lightning.callback import FARMSCallback
     from farms_lightning.lr_balancer import FARMSLRBalancer
     from farms_lightning.metric import FARMSMetric
-    from farms_lightning.pruners import FARMSModelPruning, prune_model
+    from farms_lightning.pruners import prune_model
+    from farms_lightning.pruning_callback import FARMSModelPruning
     from farms_lightning.pruning import alpha_sparsity, uniform_sparsity
 
 __version__ = "0.1.0"
@@ -25,7 +26,7 @@ _LAZY = {
     "FARMSCallback": "farms_lightning.callback",
     "FARMSLRBalancer": "farms_lightning.lr_balancer",
     "FARMSMetric": "farms_lightning.metric",
-    "FARMSModelPruning": "farms_lightning.pruners",
+    "FARMSModelPruning": "farms_lightning.pruning_callback",
     "prune_model": "farms_lightning.pruners",
     "alpha_sparsity": "farms_lightning.pruning",
     "uniform_sparsity": "farms_lightning.pruning",

@@ -97,10 +97,11 @@ def test_conv_layers_fit_or_give_a_reason(out_channels, in_channels, kernel, dim
         small = min(out_channels, in_channels)
         if esd == "full":
             per_esd = positions * small
-        else:
-            rows, cols = max(out_channels, in_channels), small
-            block_rows = max(1, int(cols // (1 / aspect_ratio)) if aspect_ratio <= 1 else int(cols // aspect_ratio))
-            block_cols = max(1, int(cols // (1 / aspect_ratio))) if aspect_ratio <= 1 else cols
-            block_rows = cols if aspect_ratio <= 1 else block_rows
-            per_esd = positions * min(block_rows, block_cols)
+        else:  # spec §3 block shape, written out independently
+            cols = small
+            if aspect_ratio <= 1:
+                block_rows, block_cols = cols, int(cols // (1 / aspect_ratio))
+            else:
+                block_rows, block_cols = int(cols // aspect_ratio), cols
+            per_esd = positions * min(max(1, block_rows), max(1, block_cols))
         assert (stats.status == "ok") == (per_esd >= 10), (stats.status, stats.reason, per_esd)

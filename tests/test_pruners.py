@@ -10,7 +10,8 @@ from lightning_helpers import TinyNet, loaders, trainer
 from torch import nn
 
 from farms_lightning import analyze
-from farms_lightning.pruners import FARMSModelPruning, prune_model
+from farms_lightning.pruners import prune_model
+from farms_lightning.pruning_callback import FARMSModelPruning
 from farms_lightning.pruning import alpha_sparsity, weighted_mean
 
 
