@@ -167,11 +167,19 @@ def analyze_layers(
 
 
 def _frozen_key(layer: LayerMatrix) -> tuple | None:
-    """Identity and in-place version of a frozen, materialised weight; ``None`` if trainable."""
+    """Name, identity and content fingerprint of a frozen, materialised weight; ``None`` if trainable.
+
+    The name keeps tied layers apart (owner and sharer have different statistics). The version
+    counter misses updates through ``.data`` (EMA or momentum encoders), so the content is
+    fingerprinted too: three float64 moments, one cheap pass compared with an eigen-analysis.
+    """
     w = layer.weight
-    if w.requires_grad or layer.is_lazy or w.is_meta:
+    if w.requires_grad or layer.is_lazy or w.is_meta or not w.is_floating_point():
         return None
-    return layer.identity() + (w._version,)
+    flat = w.detach().reshape(-1).double()
+    position = torch.arange(1, len(flat) + 1, dtype=torch.float64, device=flat.device)
+    fingerprint = tuple(float(v) for v in (flat.sum(), (flat * flat).sum(), (flat * position).sum()))
+    return (layer.name, *layer.identity(), w._version, fingerprint)
 
 
 def _skipped(layer: LayerMatrix, reason: str) -> LayerStats:

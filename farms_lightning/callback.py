@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import os
-import time
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -191,11 +190,9 @@ class FARMSCallback(Callback):
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, epoch: int, step: int,
              log_now: bool, on_step: bool = False) -> None:
-        start = time.perf_counter()
-        report = analyze_distributed(pl_module, self.settings, self.include, self.exclude, self.layer_types,
-                                     keep_eigenvalues=self.log_figures,
-                                     frozen_cache=None if self.log_figures else self._frozen_cache)
-        elapsed = time.perf_counter() - start
+        report, elapsed = analyze_distributed(
+            pl_module, self.settings, self.include, self.exclude, self.layer_types, keep_eigenvalues=self.log_figures,
+            frozen_cache=None if self.log_figures else self._frozen_cache)
         self.last_report = report
         entry = {"stage": stage, "epoch": epoch, "step": step, "time_s": elapsed,
                  "summary": dict(report.summary), "layers": report.to_rows()}
@@ -203,16 +200,18 @@ class FARMSCallback(Callback):
         self._warn_bad_layers(report)
         self._on_report(trainer, pl_module, report, entry)
         scalars = self._scalars(report, elapsed)
+        # Lightning logs epoch-end values at the epoch's last step index (global_step - 1).
+        logger_step = max(0, step - 1) if stage == "epoch" else step
         if log_now:  # hooks where self.log cannot log now: straight to the loggers and callback_metrics
-            # Lightning logs epoch-end values at the epoch's last step index (global_step - 1).
-            logger_step = max(0, step - 1) if stage == "epoch" else step
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=logger_step)
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars.items()})
         else:
             for key, value in scalars.items():
                 pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, batch_size=1, sync_dist=False)
-        self._log_rank_zero(trainer, report, step)
+        # `trainer.log_dir` is a collective (a broadcast): every rank must ask, not only rank zero.
+        folder = (trainer.log_dir or trainer.default_root_dir) if self.save_history else None
+        self._log_rank_zero(trainer, report, logger_step, folder)
 
     def _on_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: FARMSReport,
                    entry: dict[str, Any]) -> None:
@@ -242,9 +241,9 @@ class FARMSCallback(Callback):
                 rank_zero_warn(f"FARMSCallback: layer {stats.name!r} {stats.status}: {stats.reason}")
 
     @rank_zero_only
-    def _log_rank_zero(self, trainer: pl.Trainer, report: FARMSReport, step: int) -> None:
-        if self.save_history:
-            self._write_history(trainer)
+    def _log_rank_zero(self, trainer: pl.Trainer, report: FARMSReport, step: int, folder: str | None) -> None:
+        if folder is not None:
+            self._write_history(folder)
         tensorboards = [lg for lg in trainer.loggers if type(lg).__name__ == "TensorBoardLogger"]
         alphas = report.alphas
         for logger in tensorboards:
@@ -257,8 +256,7 @@ class FARMSCallback(Callback):
                 writer.add_figure(f"{self.prefix}/esd", plot_esds(report), step, close=True)
                 writer.add_figure(f"{self.prefix}/alpha_per_layer", plot_alphas(alphas)[0], step, close=True)
 
-    def _write_history(self, trainer: pl.Trainer) -> None:
-        folder = trainer.log_dir or trainer.default_root_dir
+    def _write_history(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"farms_history.{self.save_history}")
         if self.save_history == "json":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch.distributed as dist
@@ -41,25 +42,30 @@ def analyze_distributed(
     layer_types: Any = None,
     keep_eigenvalues: bool = False,
     frozen_cache: dict | None = None,
-) -> FARMSReport:
+) -> tuple[FARMSReport, float]:
     """Like :func:`~farms_lightning.analyze`, with the layers split across ranks.
 
     Every rank holds the full weights (DDP), analyses its share and takes part in one
     ``all_gather_object``; all ranks return the same report (and the same eigenvalues, when
-    kept). Outside a process group this is a plain analysis.
+    kept) and the same wall time: the slowest rank's analysis. Outside a process group this is a
+    plain analysis.
     """
+    start = time.perf_counter()
     layers = discover_layers(model, layer_types, include, exclude)
     rank, world_size = distributed_context()
     owner = assign_layers(layers, world_size)
     mine = [i for i, r in enumerate(owner) if r == rank]
     stats, eigenvalues = analyze_layers(layers, settings, assigned=mine, keep_eigenvalues=keep_eigenvalues,
                                         frozen_cache=frozen_cache)
+    seconds = time.perf_counter() - start
     if world_size > 1:
-        local = ({i: stats[i] for i in mine}, eigenvalues)
-        gathered: list[tuple[dict[int, LayerStats], dict] | None] = [None] * world_size
+        local = ({i: stats[i] for i in mine}, eigenvalues, seconds)
+        gathered: list[tuple[dict[int, LayerStats], dict, float] | None] = [None] * world_size
         dist.all_gather_object(gathered, local)
-        merged = {i: s for part in gathered if part for i, s in part[0].items()}
+        parts = [part for part in gathered if part]
+        merged = {i: s for part in parts for i, s in part[0].items()}
         stats = [merged[i] for i in range(len(layers))]
-        eigenvalues = {name: ev for part in gathered if part for name, ev in part[1].items()}
-    return FARMSReport(stats, settings, eigenvalues)  # type: ignore[arg-type]
+        eigenvalues = {name: ev for part in parts for name, ev in part[1].items()}
+        seconds = max(part[2] for part in parts)
+    return FARMSReport(stats, settings, eigenvalues), seconds  # type: ignore[arg-type]
 

@@ -94,7 +94,8 @@ class FARMSLRBalancer(FARMSCallback):
         groups = {id(p): (i, g) for i, opt in enumerate(self._scaler.optimizers)
                   for g, group in enumerate(opt.param_groups) for p in group["params"]}
         for name in self.lr_factors:
-            where = groups.get(id(self._layer_params[name][0]))
+            params = self._layer_params.get(name)  # a restored name may no longer be selected
+            where = groups.get(id(params[0])) if params else None
             if where is not None:
                 pl_module.log(f"{self.prefix}/lr/{name}", effective[where[0]][where[1]], on_step=True,
                               on_epoch=False, batch_size=1)

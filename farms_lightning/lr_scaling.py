@@ -43,8 +43,9 @@ class ParamGroupLRScaler:
         self._handles = []
 
     def set_parameter_factors(self, factors: dict[int, float]) -> None:
-        """Group factors from factors keyed by parameter ``id``."""
+        """Group factors from factors keyed by parameter ``id`` (groups added since are included)."""
         for index, optimizer in enumerate(self.optimizers):
+            self.group_factors[index] = [1.0] * len(optimizer.param_groups)
             for g, group in enumerate(optimizer.param_groups):
                 sizes = [(p.numel(), factors.get(id(p), 1.0)) for p in group["params"]]
                 total = sum(n for n, _ in sizes)

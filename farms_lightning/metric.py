@@ -11,9 +11,10 @@ from torchmetrics import Metric
 from farms_lightning.analysis import analyze_layers, resolve_settings
 from farms_lightning.distributed import assign_layers, distributed_context
 from farms_lightning.layers import discover_layers
-from farms_lightning.report import FARMSReport, LayerStats, summarize
+from farms_lightning.report import LayerStats, summarize
 
-STATUS_CODES = ("ok", "skipped", "failed")
+#: Per-layer status codes of the metric state; 0 marks a row this process did not fill.
+STATUS_CODES = ("not analysed here", "ok", "skipped", "failed")
 
 
 def _metric_dict(layers: Sequence[LayerStats]) -> dict[str, torch.Tensor]:
@@ -87,7 +88,7 @@ class FARMSMetric(Metric):
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
         self.layer_names: list[str] = []
         # Per layer: [alpha (0 if none), alpha_weighted (0 if none), status code]; summed across ranks,
-        # each layer's row coming from the one rank that analysed it.
+        # each layer's row coming from the one rank that analysed it (other ranks leave zeros).
         self.add_state("layer_values", default=torch.zeros(0, 3, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, model: nn.Module) -> None:  # type: ignore[override]
@@ -108,6 +109,8 @@ class FARMSMetric(Metric):
         layers = []
         for name, (alpha, weighted, code) in zip(self.layer_names, rows.tolist()):
             status = STATUS_CODES[int(round(code))]
+            if status == "not analysed here":  # states not synced (sync_on_compute=False, a sub-group)
+                status = "skipped"
             ok = status == "ok"
             layers.append(LayerStats(name, "", (), status, "" if ok else status,
                                      alpha=alpha if ok else None, alpha_weighted=weighted if ok else None))
@@ -121,7 +124,3 @@ class FARMSMetric(Metric):
         alphas = {k.removeprefix("alpha/"): float(v) for k, v in val.items() if k.startswith("alpha/")}
         return plot_alphas(alphas, ax=ax)
 
-
-def report_metrics(report: FARMSReport) -> dict[str, torch.Tensor]:
-    """The metric dictionary of an existing report (what ``FARMSMetric.compute`` would return)."""
-    return _metric_dict(report.layers)

@@ -66,12 +66,22 @@ def lr_factors(
     return factors
 
 
-def tuned_layer_names(report: FARMSReport, remove_first_layer: bool = True, remove_last_layer: bool = True) -> list[str]:
-    """Fitted layers in model order (embeddings never), minus the first and the last of them."""
-    names = [s.name for s in report.layers if s.status == "ok" and s.type != "Embedding"]
+def tuned_units(
+    report: FARMSReport,
+    layer_params: dict[str, list[nn.Parameter]],
+    remove_first_layer: bool = True,
+    remove_last_layer: bool = True,
+) -> list[list[str]]:
+    """Fitted layers in model order (embeddings never), grouped by the parameter they live in
+    (the q/k/v of one MHA in-projection are one unit), minus the first and the last unit."""
+    units: dict[int, list[str]] = {}
+    for s in report.layers:
+        if s.status == "ok" and s.type != "Embedding" and s.name in layer_params:
+            units.setdefault(id(layer_params[s.name][0]), []).append(s.name)
+    ordered = list(units.values())
     start = 1 if remove_first_layer else 0
-    stop = len(names) - 1 if remove_last_layer else len(names)
-    return names[start:max(start, stop)]
+    stop = len(ordered) - 1 if remove_last_layer else len(ordered)
+    return ordered[start:max(start, stop)]
 
 
 def layer_parameters(model: nn.Module, pair_norm_layers: bool = True, **discovery: object) -> dict[str, list[nn.Parameter]]:
@@ -132,15 +142,12 @@ def parameter_factors(
     remove_last_layer: bool = True,
 ) -> tuple[dict[str, float], dict[int, float]]:
     """Factors by tuned layer name and by parameter ``id`` (matrices sharing a parameter: mean alpha)."""
-    tuned = tuned_layer_names(report, remove_first_layer, remove_last_layer)
-    # Matrices of one parameter (MHA q/k/v) form one tuned unit with their mean alpha (spec §6).
-    units: dict[int, list[str]] = {}
-    for name in tuned:
-        units.setdefault(id(layer_params[name][0]), []).append(name)
-    alphas = [statistics.fmean(report[n].alpha for n in names) for names in units.values()]  # type: ignore[misc]
+    units = tuned_units(report, layer_params, remove_first_layer, remove_last_layer)
+    # A parameter holding several matrices (MHA q/k/v) uses the mean of their alphas (spec §6).
+    alphas = [statistics.fmean(report[n].alpha for n in names) for names in units]  # type: ignore[misc]
     unit_factors = lr_factors(alphas, method, lr_min_ratio, lr_max_ratio)
-    layer_factor = {n: f for names, f in zip(units.values(), unit_factors) for n in names}
-    param_factor = {id(p): layer_factor[name] for name in tuned for p in layer_params[name]}
+    layer_factor = {n: f for names, f in zip(units, unit_factors) for n in names}
+    param_factor = {id(p): layer_factor[name] for name in layer_factor for p in layer_params[name]}
     return layer_factor, param_factor
 
 

@@ -211,3 +211,20 @@ def test_frozen_unchanged_layers_are_reused_not_reanalysed(monkeypatch):
     assert sorted(fitted) == ["0", "2", "4", "5", "9"]  # "7" frozen and unchanged: reused
     assert second[4] == first[4] and second[4] == analyze(model)["7"]
     assert second[1].lambda_max == pytest.approx(4 * first[1].lambda_max)
+
+
+def test_frozen_cache_sees_data_updates_and_keeps_tied_layers_apart():
+    from farms_lightning import analysis
+    from farms_lightning.layers import discover_layers
+
+    torch.manual_seed(0)
+    shared = nn.Linear(128, 128)
+    model = nn.Sequential(nn.Linear(128, 128), shared, shared)
+    model.requires_grad_(False)
+    settings, cache = analysis.resolve_settings(), {}
+    first, _ = analysis.analyze_layers(discover_layers(model), settings, frozen_cache=cache)
+    second, _ = analysis.analyze_layers(discover_layers(model), settings, frozen_cache=cache)
+    assert [(s.name, s.status) for s in second] == [("0", "ok"), ("1", "ok"), ("2", "skipped")] and second == first
+    model[0].weight.data.mul_(0.5).add_(torch.randn(128, 128) ** 3)  # an EMA-style update: no version bump
+    third, _ = analysis.analyze_layers(discover_layers(model), settings, frozen_cache=cache)
+    assert third[0].alpha == analyze(model)["0"].alpha != first[0].alpha

@@ -45,6 +45,8 @@ def test_tensorboard_scalars_equal_analyze_of_each_epochs_weights(tmp_path):
         mean = {e.step: e.value for e in events.Scalars("farms/alpha_mean")}
         assert mean[step] == pytest.approx(expected.summary["alpha_mean"], rel=1e-6)
     assert "farms/alpha_histogram" in tags["histograms"]
+    histogram_steps = [e.step for e in events.Histograms("farms/alpha_histogram")]
+    assert histogram_steps == [e.step for e in events.Scalars("farms/alpha_mean")] == [0, 3, 7, 11]
     assert {"farms/esd", "farms/alpha_per_layer"} <= set(tags["images"])
     assert "farms/time_s" in tags["scalars"]
     # The same values are monitorable.

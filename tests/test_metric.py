@@ -59,3 +59,19 @@ def test_plot_follows_the_torchmetrics_convention():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1"]
     heights = [bar.get_height() for bar in ax.containers[0]]
     assert heights == pytest.approx([metric.compute()["alpha/0"].item(), metric.compute()["alpha/1"].item()])
+
+
+def test_rows_of_other_ranks_are_never_reported_as_fitted(monkeypatch):
+    from farms_lightning import metric as metric_module
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    monkeypatch.setattr(metric_module, "distributed_context", lambda: (1, 2))  # rank 1 of 2, states not synced
+    metric = FARMSMetric(sync_on_compute=False)
+    metric.update(model)
+    result = metric.compute()
+    fitted = {k.removeprefix("alpha/") for k in result if k.startswith("alpha/")}
+    expected = analyze(model)
+    assert fitted and all(result[f"alpha/{n}"].item() == expected[n].alpha for n in fitted)
+    assert result["num_fitted"].item() == len(fitted) < expected.summary["num_fitted"]
+    assert all(v.item() != 0.0 for k, v in result.items() if k.startswith("alpha/"))

@@ -9,7 +9,7 @@ from torch import nn
 
 from farms_lightning import analyze, farms_param_groups, lr_factors
 from farms_lightning.lr_scaling import ParamGroupLRScaler
-from farms_lightning.tempbalance import layer_parameters, parameter_factors, tuned_layer_names
+from farms_lightning.tempbalance import layer_parameters, parameter_factors, tuned_units
 
 
 def test_mappings_follow_the_spec():
@@ -49,9 +49,9 @@ def test_tuned_layers_pairing_and_shared_parameters():
     model = _model()
     report = analyze(model)
     assert report["conv1"].status == "skipped"  # 9 eigenvalues per block: not fitted, never tuned
-    tuned = tuned_layer_names(report)
-    assert tuned == ["fc1", "fc2", "attn.in_proj.q", "attn.in_proj.k", "attn.in_proj.v", "attn.out_proj"]
     params = layer_parameters(model)
+    assert tuned_units(report, params) == [["fc1"], ["fc2"], ["attn.in_proj.q", "attn.in_proj.k", "attn.in_proj.v"],
+                                           ["attn.out_proj"]]
     assert [p is q for p, q in zip(params["conv2"], [model.conv2.weight, model.conv2.bias, model.bn2.weight,
                                                     model.bn2.bias])] == [True] * 4
     assert params["attn.in_proj.k"][0] is model.attn.in_proj_weight and params["attn.in_proj.k"][1] is model.attn.in_proj_bias
@@ -103,3 +103,29 @@ def test_scaler_scales_only_inside_the_step_and_restores_bits():
     scaler.detach()
     opt.step()
     assert seen[-1] == [0.1, 0.3]
+
+
+def test_an_attention_block_first_is_removed_as_one_unit():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(128, 4)
+    model.fc1 = nn.Linear(128, 128)
+    model.fc2 = nn.Linear(128, 128)
+    model.fc3 = nn.Linear(128, 10)
+    report = analyze(model)
+    params = layer_parameters(model)
+    assert tuned_units(report, params) == [["attn.out_proj"], ["fc1"], ["fc2"]]
+    layer_factor, param_factor = parameter_factors(report, params)
+    # The first unit is all of q/k/v (one parameter), not only q.
+    assert id(model.attn.in_proj_weight) not in param_factor
+    assert not {"attn.in_proj.q", "attn.in_proj.k", "attn.in_proj.v"} & set(layer_factor)
+
+
+def test_scaler_follows_param_groups_added_later():
+    w, v = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = ParamGroupLRScaler()
+    scaler.attach([opt])
+    opt.add_param_group({"params": [v], "lr": 0.2})  # e.g. BackboneFinetuning unfreezing a layer
+    scaler.set_parameter_factors({id(v): 2.0})
+    assert scaler.group_factors == [[1.0, 2.0]]
