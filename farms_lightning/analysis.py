@@ -215,9 +215,7 @@ def _plan(
         return LayerStats(layer.name, layer.module_type, (), "failed", f"analysis error: {error!r}")
     if isinstance(windows, str):
         return _skipped(layer, windows)
-    grid, matrices = windows.grid, len(windows.matrices)
-    per_group = matrices * min(grid.rows, grid.cols) * len(grid.col_starts)
-    per_group *= 1 if windows.group_by_row_start else len(grid.row_starts)
+    per_group = windows.eigenvalues_per_group
     if per_group < settings["min_eigenvalues"]:
         return _skipped(layer, f"too small: {per_group} eigenvalues per ESD < min_eigenvalues="
                                f"{settings['min_eigenvalues']}")

@@ -55,6 +55,13 @@ class WindowSet:
     pieces: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
 
     @property
+    def eigenvalues_per_group(self) -> int:
+        """How many eigenvalues each pooled group gets (before any zero is dropped)."""
+        rows_per_group = 1 if self.group_by_row_start else len(self.grid.row_starts)
+        windows = len(self.matrices) * rows_per_group * len(self.grid.col_starts)
+        return windows * min(self.grid.rows, self.grid.cols)
+
+    @property
     def num_groups(self) -> int:
         return len(self.grid.row_starts) if self.group_by_row_start else 1
 
