@@ -71,6 +71,7 @@ class FARMSLRBalancer(FARMSCallback):
         self._param_factors: dict[int, float] = {}
         self._scaler = ParamGroupLRScaler(on_mixed_group=self._warn_mixed_group)
         self._layer_params: dict[str, list] = {}
+        self._lr_positions: dict[str, tuple[int, int]] = {}
 
     @property
     def state_key(self) -> str:
@@ -91,14 +92,8 @@ class FARMSLRBalancer(FARMSCallback):
         if not self.log_lr or not self._layer_params:
             return
         effective = self._scaler.effective_lrs()
-        groups = {id(p): (i, g) for i, opt in enumerate(self._scaler.optimizers)
-                  for g, group in enumerate(opt.param_groups) for p in group["params"]}
-        for name in self.lr_factors:
-            params = self._layer_params.get(name)  # a restored name may no longer be selected
-            where = groups.get(id(params[0])) if params else None
-            if where is not None:
-                pl_module.log(f"{self.prefix}/lr/{name}", effective[where[0]][where[1]], on_step=True,
-                              on_epoch=False, batch_size=1)
+        for name, (i, g) in self._lr_positions.items():
+            pl_module.log(f"{self.prefix}/lr/{name}", effective[i][g], on_step=True, on_epoch=False, batch_size=1)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._scaler.detach()
@@ -131,6 +126,11 @@ class FARMSLRBalancer(FARMSCallback):
 
     def _apply(self, epoch: int) -> None:
         self._scaler.set_parameter_factors(self._param_factors if epoch >= self.balance_start_epoch else {})
+        # Where each tuned layer's weight sits (optimizer, group), for the per-step LR logging.
+        groups = {id(p): (i, g) for i, opt in enumerate(self._scaler.optimizers)
+                  for g, group in enumerate(opt.param_groups) for p in group["params"]}
+        params = {name: self._layer_params.get(name) for name in self.lr_factors}  # restored names may be gone
+        self._lr_positions = {name: groups[id(ps[0])] for name, ps in params.items() if ps and id(ps[0]) in groups}
 
     def _scalars(self, report: FARMSReport, elapsed: float) -> dict[str, float]:
         scalars = super()._scalars(report, elapsed)
