@@ -19,14 +19,10 @@ import csv
 import io
 import json
 import math
-import os
 import re
-import shutil
 import sys
-import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -36,29 +32,19 @@ from farms_lightning.pruners import prune_model
 from farms_lightning.pruning import alpha_sparsity, uniform_sparsity
 from farms_lightning.report import FARMSReport
 from farms_lightning.state_dict import model_from_state_dict
+from farms_lightning.weight_files import (
+    EXIT_INPUT,
+    EXIT_OUTPUT,
+    CLIError,
+    Weights,
+    _first_line,
+    load_weights,
+    save_weights,
+)
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_INPUT, EXIT_EMPTY, EXIT_OUTPUT = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_EMPTY = 0, 1, 2, 4  # EXIT_INPUT 3, EXIT_OUTPUT 5: weight_files
 FORMATS = ("table", "csv", "json", "markdown")
 SUFFIX_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown", ".markdown": "markdown"}
-
-
-class CLIError(Exception):
-    """A clear, expected failure: its message goes to stderr and ``code`` becomes the exit status."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class Weights:
-    """Loaded tensors plus what is needed to write them back in the same format."""
-
-    path: Path
-    kind: str  # "torch" or "safetensors" (a file), "folder" (of safetensors files)
-    state_dict: dict[str, torch.Tensor]
-    container: Any = None  # torch: the loaded object, written back whole
-    files: dict[str, tuple[list[str], dict[str, str] | None]] = field(default_factory=dict)  # name: keys, metadata
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,103 +177,6 @@ def run_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def load_weights(path: Path, trust_pickle: bool = False) -> Weights:
-    """Read a checkpoint, state dict, safetensors file or folder of them (exit code 3 on failure)."""
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and p.is_file())
-        if not files:
-            raise CLIError(f"{path} is a folder without .safetensors files", EXIT_INPUT)
-        weights = Weights(path, "folder", {})
-        for file in files:
-            tensors, metadata = _read_safetensors(file)
-            weights.state_dict.update(tensors)
-            weights.files[file.name] = (list(tensors), metadata)
-        return weights
-    if not path.is_file():
-        raise CLIError(f"{path}: no such file or folder", EXIT_INPUT)
-    kind = sniff_format(path)
-    if kind == "safetensors":
-        tensors, metadata = _read_safetensors(path)
-        return Weights(path, "safetensors", tensors, files={path.name: (list(tensors), metadata)})
-    if kind != "torch":
-        raise CLIError(f"{path}: unknown format: neither a torch file (zip archive or pickle: .ckpt/.pt/.pth/.bin) "
-                       f"nor safetensors, nor a folder of .safetensors files", EXIT_INPUT)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as error:  # noqa: BLE001 - any reader failure is a clear input error
-        if "weights only" in str(error).lower() or "weights_only" in str(error):
-            raise CLIError(f"{path} holds Python objects that weights_only loading refuses; if you trust the "
-                           f"file, rerun with --trust-pickle ({_first_line(error)})", EXIT_INPUT) from None
-        raise CLIError(f"cannot read {path} as a torch file (truncated or corrupt?): {_first_line(error)}",
-                       EXIT_INPUT) from None
-    inner = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
-    if isinstance(inner, dict) and isinstance(inner.get("state_dict"), dict):
-        inner = inner["state_dict"]
-    if not isinstance(inner, dict):
-        raise CLIError(f"{path} holds a {type(obj).__name__}, not a state dict", EXIT_INPUT)
-    tensors = {k: v for k, v in inner.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    return Weights(path, "torch", tensors, container=obj)
-
-
-def sniff_format(path: Path) -> str | None:
-    """``"torch"`` or ``"safetensors"`` from the file's first bytes; ``None`` when neither."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive / legacy pickle
-        return "torch"
-    if len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 40:
-        return "safetensors"  # an 8-byte little-endian header length, then the JSON header
-    return "safetensors" if path.suffix.lower() == ".safetensors" else None  # e.g. a truncated header
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
-    except Exception as error:  # noqa: BLE001
-        raise CLIError(f"cannot read {path} as safetensors (truncated or corrupt?): {_first_line(error)}",
-                       EXIT_INPUT) from None
-
-
-def save_weights(weights: Weights, out: Path) -> None:
-    """Write ``weights`` (pruned in place) in their input format; other files of a folder are copied."""
-    try:
-        if weights.kind == "torch":
-            _atomic(out, lambda tmp: torch.save(weights.container, tmp))
-            return
-        from safetensors.torch import save_file
-
-        if weights.kind == "folder":
-            out.mkdir(parents=True, exist_ok=True)
-            for other in weights.path.iterdir():  # config, tokenizer, sub-folders: keep the copy usable
-                if other.is_dir():
-                    shutil.copytree(other, out / other.name, dirs_exist_ok=True)
-                elif other.suffix != ".safetensors":
-                    shutil.copy2(other, out / other.name)
-        for name, (keys, metadata) in weights.files.items():
-            target = out / name if weights.kind == "folder" else out
-            tensors = {k: weights.state_dict[k].contiguous() for k in keys}
-            _atomic(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    except OSError as error:
-        raise CLIError(f"cannot write {out}: {error}", EXIT_OUTPUT) from None
-
-
-def _atomic(target: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the target's folder, so a failure leaves no partial file."""
-    if not target.parent.is_dir():
-        raise OSError(f"the folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _selected_layers(weights: Weights, args: argparse.Namespace) -> list[LayerMatrix]:
     """The analysable matrices chosen by the filters (exit 4 when there are none)."""
     try:
@@ -377,12 +266,6 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value).removeprefix("torch.")
-
-
-def _first_line(error: BaseException) -> str:
-    """The first sentence of an error message (the torch reader's run on for several)."""
-    text = (str(error).strip() or type(error).__name__).splitlines()[0]
-    return text.split(". ")[0][:200]
 
 
 @contextlib.contextmanager

@@ -47,6 +47,10 @@ def files(tmp_path_factory):
     (root / "shards" / "config.json").write_text('{"hidden": 200}')
     (root / "shards" / "1_Pooling").mkdir()
     (root / "shards" / "1_Pooling" / "config.json").write_text('{"mean": true}')
+    (root / "torch_shards").mkdir()
+    torch.save({k: v for k, v in sd.items() if k.startswith("enc")}, root / "torch_shards" / "model-1.bin")
+    torch.save({k: v for k, v in sd.items() if not k.startswith("enc")}, root / "torch_shards" / "model-2.bin")
+    (root / "torch_shards" / "config.json").write_text('{"hidden": 200}')
     (root / "trunc.pt").write_bytes((root / "sd.pt").read_bytes()[:400])
     (root / "trunc.safetensors").write_bytes((root / "sd.safetensors").read_bytes()[:400])
     (root / "junk.ckpt").write_text("not a checkpoint\n" * 10)
@@ -66,7 +70,8 @@ def alphas_of(rows):
     return {row["name"]: row["alpha"] for row in rows}
 
 
-@pytest.mark.parametrize("source", ["tiny.ckpt", "sd.pt", "sd.safetensors", "shards", "pickled.pth"])
+@pytest.mark.parametrize("source", ["tiny.ckpt", "sd.pt", "sd.safetensors", "shards", "torch_shards",
+                                    "pickled.pth"])
 def test_analyze_json_equals_analyze(files, capsys, source):
     root, model, sd = files
     extra = ["--trust-pickle"] if source == "pickled.pth" else []
@@ -158,6 +163,13 @@ def test_prune_folder_and_state_dict(files, capsys, tmp_path):
     shard = load_file(tmp_path / "out" / "model-1.safetensors")
     assert set(shard) == {"enc.0.weight", "enc.0.bias", "enc.1.weight"}
     assert int((shard["enc.1.weight"] == 0).sum()) == round(targets["enc.1"] * 60000)
+    code, _, _ = run(["prune", root / "torch_shards", "--sparsity", 0.4, "--esd", "full", "--blocks", "enc",
+                      "-o", tmp_path / "out_torch"], capsys)
+    assert code == 0 and (tmp_path / "out_torch" / "config.json").read_text() == '{"hidden": 200}'
+    torch_shard = torch.load(tmp_path / "out_torch" / "model-1.bin", weights_only=True)
+    assert torch.equal(torch_shard["enc.1.weight"], shard["enc.1.weight"])  # the same pruning as the safetensors
+    assert torch.equal(torch.load(root / "torch_shards" / "model-1.bin", weights_only=True)["enc.1.weight"],
+                       sd["enc.1.weight"])  # the input is untouched
     code, _, _ = run(["prune", root / "sd.pt", "--sparsity", 0.3, "--include", "head", "-o", tmp_path / "h.pt"],
                      capsys)
     pruned = torch.load(tmp_path / "h.pt", weights_only=True)
@@ -169,7 +181,7 @@ def test_prune_folder_and_state_dict(files, capsys, tmp_path):
     (["analyze", "trunc.safetensors"], 3, "truncated or corrupt"),
     (["analyze", "junk.ckpt"], 3, "unknown format"),
     (["analyze", "missing.pt"], 3, "no such file"),
-    (["analyze", "empty"], 3, "without .safetensors"),
+    (["analyze", "empty"], 3, "without .safetensors or torch"),
     (["analyze", "pickled.pth"], 3, "--trust-pickle"),
     (["analyze", "nomat.pt"], 4, "no weight matrices"),
     (["analyze", "sd.pt", "--include", "nothing*"], 4, "no layer"),
