@@ -140,8 +140,9 @@ def analyze_layers(
     owners: dict[tuple, str] = {}
     todo = set(range(len(layers))) if assigned is None else set(assigned)
     eigenvalues: dict[str, list[torch.Tensor]] = {}
+    cache: dict[tuple, LayerStats] = frozen_cache if frozen_cache is not None else {}
     frozen = {i: _frozen_key(layers[i]) for i in todo} if frozen_cache is not None else {}
-    reused = {i: frozen_cache[key] for i, key in frozen.items() if key is not None and key in frozen_cache}  # type: ignore[index]
+    reused = {i: cache[key] for i, key in frozen.items() if key is not None and key in cache}
     todo -= set(reused)
     workers = torch.get_num_threads()
     with torch.no_grad(), single_threaded_ops():  # parallel work runs on a pool instead (threads.py)
@@ -158,8 +159,9 @@ def analyze_layers(
     for i, cached in reused.items():
         stats[i] = dataclasses.replace(cached, name=layers[i].name)
     for i, key in frozen.items():
-        if key is not None and stats[i] is not None:
-            frozen_cache[key] = stats[i]  # type: ignore[index]
+        fresh = stats[i]
+        if key is not None and fresh is not None:
+            cache[key] = fresh
     if keep_eigenvalues:
         eigenvalues = {layer.name: spectra[id(plan)] for layer, plan in zip(layers, plans)  # type: ignore[misc]
                        if isinstance(plan, WindowSet) and not isinstance(spectra[id(plan)], Exception)}
@@ -266,7 +268,8 @@ def _fit_layer(
     layer: LayerMatrix, spectra: list[torch.Tensor] | Exception, weight_dtype: torch.dtype, settings: dict[str, Any]
 ) -> LayerStats:
     """Fit every group's ESD; a conv layer's statistics are the block means (counts: totals)."""
-    base = {"name": layer.name, "type": layer.module_type, "shape": layer.shape, "num_params": layer.num_params}
+    base: dict[str, Any] = {"name": layer.name, "type": layer.module_type, "shape": layer.shape,
+                            "num_params": layer.num_params}
     if isinstance(spectra, Exception):
         return LayerStats(**base, status="failed", reason=f"eigenvalue error: {spectra!r}")
     fits: list[PowerLawFit] = []
@@ -277,8 +280,9 @@ def _fit_layer(
                           flat_tolerance_for(weight_dtype))
         fits.append(fit)
         metrics.append(esd_metrics(values, fit.alpha))
-    counts = {"num_evals": sum(f.num_evals for f in fits), "num_dropped": sum(f.num_dropped for f in fits)}
-    spectral = {name: _mean([m[name] for m in metrics]) for name in METRIC_NAMES}
+    counts: dict[str, Any] = {"num_evals": sum(f.num_evals for f in fits),
+                              "num_dropped": sum(f.num_dropped for f in fits)}
+    spectral: dict[str, Any] = {name: _mean([m[name] for m in metrics]) for name in METRIC_NAMES}
     bad = [(b, f) for b, f in enumerate(fits) if f.status != "ok"]
     if bad:
         block, fit = bad[0]

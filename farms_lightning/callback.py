@@ -247,7 +247,7 @@ class FARMSCallback(Callback):
         tensorboards = [lg for lg in trainer.loggers if type(lg).__name__ == "TensorBoardLogger"]
         alphas = report.alphas
         for logger in tensorboards:
-            writer = logger.experiment
+            writer = logger.experiment  # type: ignore[attr-defined]  # a TensorBoardLogger's SummaryWriter
             if self.log_histogram and alphas:
                 writer.add_histogram(f"{self.prefix}/alpha_histogram", torch.tensor(list(alphas.values())), step)
             if self.log_figures and alphas:

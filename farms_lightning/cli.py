@@ -164,7 +164,7 @@ def run_prune(args: argparse.Namespace) -> int:
     achieved = prune_model(model, sparsities, method="magnitude")
     save_weights(weights, out)
     layers = {m.name: m for m in discover_layers(model, layer_types=LAYER_TYPES)}
-    rows = [{"name": name, "shape": list(layers[name].shape), "num_params": layers[name].num_params,
+    rows: list[dict[str, Any]] = [{"name": name, "shape": list(layers[name].shape), "num_params": layers[name].num_params,
              "alpha": alphas.get(name), "target": sparsities[name], "achieved": achieved.get(name)}
             for name in sparsities if name in achieved]
     total = sum(r["num_params"] for r in rows)

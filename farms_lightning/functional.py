@@ -14,4 +14,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'farms_lightning.functional' has no attribute {name!r}")
 
 
-__all__ = ["PowerLawFit", "farms_eigenvalues", "farms_metrics", "fit_power_law", "full_eigenvalues"]
+__all__ = ["PowerLawFit", "farms_eigenvalues", "farms_metrics", "fit_power_law", "full_eigenvalues"]  # noqa: F822

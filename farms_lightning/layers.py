@@ -119,6 +119,7 @@ def layer_kind(module: nn.Module) -> str | None:
 def _module_matrices(name: str, module: nn.Module, kind: str) -> Iterator[LayerMatrix]:
     module_type = type(module).__name__
     if kind == "MultiheadAttention":
+        assert isinstance(module, nn.MultiheadAttention)
         if module._qkv_same_embed_dim:
             e = module.embed_dim
             for i, part in enumerate("qkv"):

@@ -99,6 +99,7 @@ class FARMSMetric(Metric):
         values = torch.zeros(len(layers), 3, dtype=torch.float64)
         for i in mine:
             s = stats[i]
+            assert s is not None  # analyze_layers fills every assigned position
             values[i] = torch.tensor([s.alpha or 0.0, s.alpha_weighted or 0.0, STATUS_CODES.index(s.status)],
                                      dtype=torch.float64)
         self.layer_names = [layer.name for layer in layers]

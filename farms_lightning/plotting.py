@@ -58,6 +58,7 @@ def plot_esds(report: FARMSReport, max_layers: int = 16) -> Any:
         centers = np.sqrt(edges[1:] * edges[:-1])
         ax.loglog(centers[density > 0], density[density > 0], ".", ms=3, label="ESD")
         xmin, alpha = stats.xmin, stats.alpha  # conv layers: block means, drawn over block 1
+        assert xmin is not None and alpha is not None  # only fitted layers are drawn
         tail = np.logspace(np.log10(xmin), np.log10(ev[-1]), 50)
         fraction = np.mean(ev >= xmin)
         ax.loglog(tail, fraction * (alpha - 1) / xmin * (tail / xmin) ** (-alpha), "r-", lw=1.2,

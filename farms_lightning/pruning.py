@@ -86,9 +86,9 @@ def alpha_sparsity(
     alphas, counts = _alphas_and_counts(report_or_alphas, param_counts)
     if blocks is not None:
         alphas = _block_alphas(alphas, _globs(blocks))
-    fitted = [name for name, a in alphas.items() if a is not None]
+    fitted = {name: a for name, a in alphas.items() if a is not None}
     result = {name: float(sparsity) for name in alphas}
-    result.update(_spread({name: alphas[name] for name in fitted}, {name: counts[name] for name in fitted},
+    result.update(_spread(fitted, {name: counts[name] for name in fitted},
                           float(sparsity), float(epsilon), float(max_sparsity)))
     return result
 

@@ -82,7 +82,7 @@ class FARMSModelPruning(ModelPruning):
         alpha_sparsity({}, 0.0 if callable(amount) else amount, epsilon, blocks=blocks, max_sparsity=max_sparsity)
         resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype, min_eigenvalues, peak_bound)
         self.epsilon, self.blocks, self.max_sparsity = epsilon, blocks, max_sparsity
-        self.analysis = dict(preset=preset, window=window, aspect_ratio=aspect_ratio, windows_per_dim=windows_per_dim,
+        self.analysis: dict[str, Any] = dict(preset=preset, window=window, aspect_ratio=aspect_ratio, windows_per_dim=windows_per_dim,
                              fit=fit, esd=esd, dtype=dtype, include=include, exclude=exclude, layer_types=layer_types,
                              min_eigenvalues=min_eigenvalues, peak_bound=peak_bound)
         self.alphas: dict[str, Optional[float]] = {}
@@ -104,6 +104,7 @@ class FARMSModelPruning(ModelPruning):
         """Prune every target layer to its share of the mean sparsity ``amount``."""
         prev = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune] if self._verbose else []
         if not self.alphas:  # once, from the dense weights: zeros would change the spectra
+            assert self._module is not None, "setup() runs before any pruning"
             report = analyze(self._module, **self.analysis)
             self.alphas = {s.name: s.alpha for s in report.layers if not s.reason.startswith("shares weights")}
         counts = {layer.name: layer.num_params for layer, _, _ in self._targets}

@@ -70,7 +70,7 @@ class FARMSReport(Mapping[str, LayerStats]):
         #: Sorted ESDs by layer name (one per conv block), when the analysis kept them.
         self.eigenvalues: dict[str, list[torch.Tensor]] = dict(eigenvalues or {})
         self._by_name = {layer.name: layer for layer in self.layers}
-        self.summary: dict[str, float | int] = summarize(self.layers)
+        self.summary: dict[str, float] = summarize(self.layers)
 
     def __getitem__(self, name: str) -> LayerStats:
         return self._by_name[name]
@@ -122,10 +122,10 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
 
 
-def summarize(layers: tuple[LayerStats, ...]) -> dict[str, float | int]:
+def summarize(layers: tuple[LayerStats, ...]) -> dict[str, float]:
     """Model-level statistics; the means are NaN when no layer was fitted."""
     fitted = [layer for layer in layers if layer.alpha is not None]
-    alphas = [layer.alpha for layer in fitted]
+    alphas = [layer.alpha for layer in layers if layer.alpha is not None]
     weighted = [layer.alpha_weighted for layer in fitted if layer.alpha_weighted is not None]
     return {
         "alpha_mean": statistics.fmean(alphas) if alphas else math.nan,

@@ -54,6 +54,6 @@ def _shell(tensor: torch.Tensor, key: str) -> nn.Module:
         module = nn.Linear(shape[1], shape[0], bias=False, device="meta")
     else:
         conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[tensor.dim()]
-        module = conv(shape[1], shape[0], shape[2:], bias=False, device="meta")
+        module = conv(shape[1], shape[0], shape[2:], bias=False, device="meta")  # type: ignore[arg-type]
     module.weight = nn.Parameter(tensor.detach(), requires_grad=False)
     return module

@@ -68,7 +68,7 @@ def lr_factors(
 
 def tuned_units(
     report: FARMSReport,
-    layer_params: dict[str, list[nn.Parameter]],
+    layer_params: dict[str, list[torch.Tensor]],
     remove_first_layer: bool = True,
     remove_last_layer: bool = True,
 ) -> list[list[str]]:
@@ -84,7 +84,7 @@ def tuned_units(
     return ordered[start:max(start, stop)]
 
 
-def layer_parameters(model: nn.Module, pair_norm_layers: bool = True, **discovery: object) -> dict[str, list[nn.Parameter]]:
+def layer_parameters(model: nn.Module, pair_norm_layers: bool = True, **discovery: object) -> dict[str, list[torch.Tensor]]:
     """For every analysable layer name, the parameters its learning-rate factor applies to.
 
     The weight and bias of the layer's module (an MHA in-projection: ``in_proj_weight`` and
@@ -95,9 +95,9 @@ def layer_parameters(model: nn.Module, pair_norm_layers: bool = True, **discover
     layers = discover_layers(model, **discovery)  # type: ignore[arg-type]
     modules = dict(model.named_modules())
     by_weight = {id(layer.weight): layer for layer in layers}
-    params: dict[str, list[nn.Parameter]] = {}
+    params: dict[str, list[torch.Tensor]] = {}
     for layer in layers:
-        params[layer.name] = [layer.weight] + _biases(layer, modules)  # type: ignore[list-item]
+        params[layer.name] = [layer.weight] + _biases(layer, modules)
     if pair_norm_layers:
         for norm_name, norm_layer in _norm_pairs(model, by_weight).items():
             params[norm_layer].extend(p for p in modules[norm_name].parameters(recurse=False))
@@ -134,7 +134,7 @@ def _norm_pairs(model: nn.Module, by_weight: dict[int, LayerMatrix]) -> dict[str
 
 def parameter_factors(
     report: FARMSReport,
-    layer_params: dict[str, list[nn.Parameter]],
+    layer_params: dict[str, list[torch.Tensor]],
     method: str = "tb_linear_map",
     lr_min_ratio: float = 0.5,
     lr_max_ratio: float = 1.5,
@@ -179,7 +179,7 @@ def farms_param_groups(
     groups: list[dict[str, Any]] = []
     seen: set[int] = set()
 
-    def add(name: str, params: list[nn.Parameter]) -> None:
+    def add(name: str, params: list[torch.Tensor]) -> None:
         params = [p for p in params if id(p) not in seen]
         seen.update(id(p) for p in params)
         if not no_decay_on_bias_and_norm:
