@@ -210,16 +210,23 @@ class _TailStatistics:
         alpha = self.alpha[idx]
         return ~self.flat[idx] & torch.isfinite(alpha) & (alpha > 1)
 
+    def _tail_cdf(self, idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``F(t) = 1 - (λ_{i+t}/λ_i)^(1-α_i)`` for candidate rows ``idx`` at float offsets ``t < n_i``.
+
+        The exact scan and the pruning bounds both use this, so a sampled lower bound is computed
+        with exactly the same operations as the full distance it bounds.
+        """
+        logs = self.logs[idx[:, None] + t.long()] - self.logs[idx][:, None]
+        return 1 - torch.exp((1 - self.alpha[idx][:, None]) * logs)
+
     def _deviation(self, idx: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """``|1 - (λ_{i+t}/λ_i)^(1-α_i) - t/n_i|`` for candidate rows ``idx`` and offset grid ``t``.
+        """``|F(t) - t/n_i|`` for candidate rows ``idx`` and offset grid ``t``.
 
         Offsets past a candidate's tail are clamped to its last point, which is then repeated.
         """
         n = self.count[idx][:, None]
         t = torch.minimum(offsets.to(torch.float64), n - 1)
-        points = idx[:, None] + t.long()
-        logs = self.logs[points] - self.logs[idx][:, None]
-        return torch.abs(1 - torch.exp((1 - self.alpha[idx][:, None]) * logs) - t / n)
+        return torch.abs(self._tail_cdf(idx, t) - t / n)
 
     def distances(self, idx: torch.Tensor) -> torch.Tensor:
         """Exact ``D_i`` of each candidate, scanning its whole tail in bounded chunks."""
@@ -247,7 +254,7 @@ class _TailStatistics:
             part = idx[start:start + rows]
             n = self.count[part][:, None]
             t = torch.minimum(torch.ceil(n / samples) * k, n - 1)
-            cdf = 1 - torch.exp((1 - self.alpha[part][:, None]) * (self.logs[part[:, None] + t.long()] - self.logs[part][:, None]))
+            cdf = self._tail_cdf(part, t)
             gap = cdf - t / n
             lower[start:start + rows] = gap.abs().amax(dim=1)
             step_up = cdf[:, 1:] - t[:, :-1] / n

@@ -86,7 +86,7 @@ class WindowSet:
         for g in range(self.num_groups):
             parts = self.pieces.get(g, [])
             ev = torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)
-            out.append(torch.sort(ev * self.scale).values if self.scale != 1.0 else torch.sort(ev).values)
+            out.append(torch.sort(ev * self.scale).values)
         return out
 
 
@@ -114,7 +114,7 @@ def compute_spectra(
         by_shape[key].append((ws, ws.window_index()))
     workers = workers or torch.get_num_threads()
     batches: list[list[tuple[WindowSet, torch.Tensor]]] = []
-    cpu_batches = 0
+    any_cpu = False
     for (rows, cols, device), members in by_shape.items():
         total = sum(len(index) for _, index in members)
         per_window = rows * cols + min(rows, cols) ** 2
@@ -134,8 +134,8 @@ def compute_spectra(
                 size += len(part)
         if pending:
             batches.append(pending)
-        cpu_batches += device.type == "cpu"
-    for pending, ev in zip(batches, _solve_batches(batches, solver_dtype, workers if cpu_batches else 1)):
+        any_cpu = any_cpu or device.type == "cpu"
+    for pending, ev in zip(batches, _solve_batches(batches, solver_dtype, workers if any_cpu else 1)):
         _distribute(pending, ev)
     return [ws.eigenvalues() for ws in window_sets]
 
