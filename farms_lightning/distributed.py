@@ -27,6 +27,12 @@ def assign_layers(layers: list[LayerMatrix], world_size: int) -> list[int]:
     return owner
 
 
+def local_share(layers: list[LayerMatrix]) -> tuple[list[int], int]:
+    """Positions of the layers this rank analyses, and the world size (all layers outside DDP)."""
+    rank, world_size = distributed_context()
+    return [i for i, r in enumerate(assign_layers(layers, world_size)) if r == rank], world_size
+
+
 def distributed_context() -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group, or ``(0, 1)`` outside one."""
     if dist.is_available() and dist.is_initialized():
@@ -52,9 +58,7 @@ def analyze_distributed(
     """
     start = time.perf_counter()
     layers = discover_layers(model, layer_types, include, exclude)
-    rank, world_size = distributed_context()
-    owner = assign_layers(layers, world_size)
-    mine = [i for i, r in enumerate(owner) if r == rank]
+    mine, world_size = local_share(layers)
     stats, eigenvalues = analyze_layers(layers, settings, assigned=mine, keep_eigenvalues=keep_eigenvalues,
                                         frozen_cache=frozen_cache)
     seconds = time.perf_counter() - start

@@ -9,7 +9,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from farms_lightning.analysis import analyze_layers, resolve_settings
-from farms_lightning.distributed import assign_layers, distributed_context
+from farms_lightning.distributed import local_share
 from farms_lightning.layers import discover_layers
 from farms_lightning.report import LayerStats, summarize
 
@@ -93,8 +93,7 @@ class FARMSMetric(Metric):
 
     def update(self, model: nn.Module) -> None:  # type: ignore[override]
         layers = discover_layers(model, self.layer_types, self.include, self.exclude)
-        rank, world_size = distributed_context()
-        mine = [i for i, r in enumerate(assign_layers(layers, world_size)) if r == rank]
+        mine, _ = local_share(layers)
         stats, _ = analyze_layers(layers, self.settings, assigned=mine)
         values = torch.zeros(len(layers), 3, dtype=torch.float64)
         for i in mine:

@@ -62,11 +62,11 @@ def test_plot_follows_the_torchmetrics_convention():
 
 
 def test_rows_of_other_ranks_are_never_reported_as_fitted(monkeypatch):
-    from farms_lightning import metric as metric_module
+    from farms_lightning import distributed
 
     torch.manual_seed(0)
     model = TinyNet()
-    monkeypatch.setattr(metric_module, "distributed_context", lambda: (1, 2))  # rank 1 of 2, states not synced
+    monkeypatch.setattr(distributed, "distributed_context", lambda: (1, 2))  # rank 1 of 2, states not synced
     metric = FARMSMetric(sync_on_compute=False)
     metric.update(model)
     result = metric.compute()
