@@ -14,6 +14,7 @@ from typing import Any, Collection, Union
 import torch
 from torch import nn
 
+from farms_lightning.baseline import random_baselines, with_baseline
 from farms_lightning.esd_metrics import METRIC_NAMES, esd_metrics
 from farms_lightning.layers import LayerMatrix, LayerTypes, Patterns, discover_layers
 from farms_lightning.powerlaw import (
@@ -48,6 +49,7 @@ def resolve_settings(
     dtype: DTypeLike = None,
     min_eigenvalues: int = 10,
     peak_bound: str = "reference",
+    random_baseline: bool = True,
 ) -> dict[str, Any]:
     """The validated analysis settings: the preset's values overridden by explicit arguments.
 
@@ -64,7 +66,10 @@ def resolve_settings(
     validate_window_args(settings["window"], settings["aspect_ratio"], settings["windows_per_dim"])
     validate_fit_args(settings["fit"], min_eigenvalues, peak_bound)
     resolve_dtype(dtype)
-    settings.update(preset=preset, esd=esd, dtype=dtype, min_eigenvalues=min_eigenvalues, peak_bound=peak_bound)
+    if not isinstance(random_baseline, bool):
+        raise ValueError(f"`random_baseline` must be True or False, got {random_baseline!r}")
+    settings.update(preset=preset, esd=esd, dtype=dtype, min_eigenvalues=min_eigenvalues, peak_bound=peak_bound,
+                    random_baseline=random_baseline)
     return settings
 
 
@@ -83,6 +88,7 @@ def analyze(
     layer_types: LayerTypes = None,
     min_eigenvalues: int = 10,
     peak_bound: str = "reference",
+    random_baseline: bool = True,
     keep_eigenvalues: bool = False,
 ) -> FARMSReport:
     """FARMS (or plain) ESD statistics of every analysable weight matrix of ``model``.
@@ -99,6 +105,9 @@ def analyze(
             add ``"Embedding"`` to include embeddings).
         min_eigenvalues: fewest non-zero eigenvalues a fit needs.
         peak_bound: ``"reference"`` or ``"corrected"`` lower candidate bound of the peak fit.
+        random_baseline: also give every fitted layer ``alpha_random`` (the median alpha of 5
+            i.i.d. Gaussian matrices of its shape under the same settings, cached per shape),
+            ``alpha_random_spread`` and ``alpha_delta = alpha - alpha_random``. ``False`` skips it.
         keep_eigenvalues: keep each analysed layer's sorted ESDs in ``report.eigenvalues``
             (one tensor per conv block), e.g. for plots.
 
@@ -116,7 +125,7 @@ def analyze(
         >>> report.to_rows()[0]["status"]
     """
     settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
-                                min_eigenvalues, peak_bound)
+                                min_eigenvalues, peak_bound, random_baseline)
     layers = discover_layers(model, layer_types, include, exclude)
     stats, eigenvalues = analyze_layers(layers, settings, keep_eigenvalues=keep_eigenvalues)
     return FARMSReport(stats, settings, eigenvalues)  # type: ignore[arg-type]
@@ -156,6 +165,8 @@ def analyze_layers(
             return _fit_layer(layer, spectra[id(plan)], plan.matrices.dtype, settings)
 
         stats = parallel_map(finish, list(zip(layers, plans)), workers)
+    if settings.get("random_baseline", True):
+        _add_baselines(layers, stats, settings)
     for i, cached in reused.items():
         stats[i] = dataclasses.replace(cached, name=layers[i].name)
     for i, key in frozen.items():
@@ -166,6 +177,23 @@ def analyze_layers(
         eigenvalues = {layer.name: spectra[id(plan)] for layer, plan in zip(layers, plans)  # type: ignore[misc]
                        if isinstance(plan, WindowSet) and not isinstance(spectra[id(plan)], Exception)}
     return stats, eigenvalues
+
+
+def _add_baselines(layers: list[LayerMatrix], stats: list[LayerStats | None], settings: dict[str, Any]) -> None:
+    """Fill in the random-matrix baseline of every fitted layer (``baseline.py``), in place."""
+    fitted = [i for i, s in enumerate(stats) if s is not None and s.alpha is not None]
+    if not fitted:
+        return
+
+    def engine(stand_ins: list[LayerMatrix], plain: dict[str, Any]) -> list[LayerStats | None]:
+        return analyze_layers(stand_ins, plain)[0]
+
+    try:
+        baselines = random_baselines([layers[i] for i in fitted], settings, engine)
+    except Exception:  # noqa: BLE001 - the baseline never costs a layer its own statistics
+        return
+    for i, found in zip(fitted, baselines):
+        stats[i] = with_baseline(stats[i], found)  # type: ignore[arg-type]
 
 
 def _frozen_key(layer: LayerMatrix) -> tuple | None:

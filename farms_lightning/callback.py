@@ -19,8 +19,10 @@ from farms_lightning.distributed import analyze_distributed
 from farms_lightning.esd_metrics import METRIC_NAMES
 from farms_lightning.report import FARMSReport
 
+#: Per-layer statistics of the random-matrix baseline (need ``random_baseline=True``).
+BASELINE_METRICS = ("alpha_random", "alpha_random_spread", "alpha_delta")
 #: Per-layer statistics that can be logged as scalars.
-LOGGABLE_METRICS = ("alpha", "xmin", "D", "num_evals", *METRIC_NAMES)
+LOGGABLE_METRICS = ("alpha", "xmin", "D", "num_evals", *METRIC_NAMES, *BASELINE_METRICS)
 HISTORY_FORMATS = ("json", "csv")
 UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
 
@@ -38,12 +40,15 @@ class FARMSCallback(Callback):
 
     Args:
         preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype, include, exclude,
-            layer_types, min_eigenvalues, peak_bound: engine options, as for
+            layer_types, min_eigenvalues, peak_bound, random_baseline: engine options, as for
             :func:`farms_lightning.analyze` (``dtype`` as a string: ``"float64"``/``"float32"``).
+            The random-matrix baseline is computed once per layer shape (cached), so only the
+            first analysis pays for it.
         every_n_epochs: analyse at the end of every n-th training epoch (``None``/0: never).
         every_n_steps: also analyse after every n-th optimizer step (``None``: never).
         analyze_on_train_start: analyse the initial weights before the first step.
-        log_metrics: per-layer statistics logged as scalars (among ``LOGGABLE_METRICS``).
+        log_metrics: per-layer statistics logged as scalars (among ``LOGGABLE_METRICS``), e.g.
+            ``("alpha", "alpha_delta")`` also logs ``farms/alpha_delta/<layer>``.
         log_summary: log the model summary scalars and ``time_s``.
         log_histogram: log a TensorBoard histogram of the layer alphas.
         log_figures: log TensorBoard figures (needs matplotlib).
@@ -52,7 +57,8 @@ class FARMSCallback(Callback):
         prefix: the first component of every logged key.
 
     Raises:
-        ValueError: a bad engine option or argument.
+        ValueError: a bad engine option or argument, or a baseline metric in ``log_metrics`` with
+            ``random_baseline=False``.
         MisconfigurationException: in ``setup``, a sharded strategy (FSDP, DeepSpeed) whose ranks
             do not hold full weights, or ``log_figures`` without matplotlib.
 
@@ -77,6 +83,7 @@ class FARMSCallback(Callback):
         layer_types: Optional[list[str]] = None,
         min_eigenvalues: int = 10,
         peak_bound: str = "reference",
+        random_baseline: bool = True,
         every_n_epochs: Optional[int] = 1,
         every_n_steps: Optional[int] = None,
         analyze_on_train_start: bool = True,
@@ -89,7 +96,7 @@ class FARMSCallback(Callback):
         prefix: str = "farms",
     ) -> None:
         self.settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
-                                         min_eigenvalues, peak_bound)
+                                         min_eigenvalues, peak_bound, random_baseline)
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
@@ -97,6 +104,9 @@ class FARMSCallback(Callback):
         unknown = [m for m in log_metrics if m not in LOGGABLE_METRICS]
         if unknown:
             raise ValueError(f"`log_metrics` entries must be among {LOGGABLE_METRICS}, got {unknown}")
+        needs_baseline = [m for m in log_metrics if m in BASELINE_METRICS]
+        if needs_baseline and not random_baseline:
+            raise ValueError(f"`log_metrics` entries {needs_baseline} need `random_baseline=True`")
         if save_history not in (None, *HISTORY_FORMATS):
             raise ValueError(f"`save_history` must be None or one of {HISTORY_FORMATS}, got {save_history!r}")
         self.every_n_epochs = every_n_epochs or 0

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze_cmd = commands.add_parser("analyze", help="FARMS alphas of every weight matrix")
     _add_input(analyze_cmd)
     _add_engine(analyze_cmd, preset="cv")
+    analyze_cmd.add_argument("--no-random-baseline", dest="random_baseline", action="store_false",
+                             help="skip the random-matrix baseline (columns alpha_random, alpha_delta)")
     analyze_cmd.add_argument("--format", choices=FORMATS, help="default: from --output's suffix, else table")
     analyze_cmd.add_argument("--output", "-o", type=Path, help="write the report here (default: stdout)")
     analyze_cmd.set_defaults(command=run_analyze)
@@ -202,7 +204,8 @@ def analyze_with_progress(weights: Weights, args: argparse.Namespace) -> FARMSRe
     layers = _selected_layers(weights, args)
     with _usage_errors():
         settings = resolve_settings(args.preset, args.window, args.aspect_ratio, args.windows_per_dim, args.fit,
-                                    args.esd, args.dtype, args.min_eigenvalues, args.peak_bound)
+                                    args.esd, args.dtype, args.min_eigenvalues, args.peak_bound,
+                                    getattr(args, "random_baseline", False))  # prune needs only alphas
     stats: list = [None] * len(layers)
     # Chunks of at least one layer per thread keep the engine's parallel fits; ~20 steps at most.
     size = max(torch.get_num_threads(), math.ceil(len(layers) / 20))
@@ -226,8 +229,10 @@ def format_rows(rows: list[dict[str, Any]], fmt: str, summary: str, title: str, 
         writer.writeheader()
         writer.writerows({k: "x".join(map(str, v)) if k == "shape" else v for k, v in r.items()} for r in rows)
         return buffer.getvalue()
-    columns = ["name", "type", "shape", "alpha", "D", "num_evals", "status"] if "status" in (rows or [{}])[0] \
-        else list((rows or [{"name": ""}])[0])
+    columns = list((rows or [{"name": ""}])[0])
+    if "status" in columns:  # analysis rows: the main columns, the baseline's where there is one
+        baseline = ["alpha_random", "alpha_delta"] if any(r.get("alpha_random") is not None for r in rows) else []
+        columns = ["name", "type", "shape", "alpha", *baseline, "D", "num_evals", "status"]
     cells = [[_cell(r, c) for c in columns] for r in rows]
     if fmt == "markdown":
         lines = [f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]

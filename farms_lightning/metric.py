@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 import torch
@@ -9,26 +10,33 @@ from torch import nn
 from torchmetrics import Metric
 
 from farms_lightning.analysis import analyze_layers, resolve_settings
+from farms_lightning.baseline import Baseline, with_baseline
 from farms_lightning.distributed import local_share
 from farms_lightning.layers import discover_layers
 from farms_lightning.report import LayerStats, summarize
 
+#: Columns of the per-layer metric state.
+_COLUMNS = ("alpha", "alpha_weighted", "status", "alpha_random", "alpha_random_spread")
 #: Per-layer status codes of the metric state; 0 marks a row this process did not fill.
 STATUS_CODES = ("not analysed here", "ok", "skipped", "failed")
 
 
-def _metric_dict(layers: Sequence[LayerStats]) -> dict[str, torch.Tensor]:
-    """``alpha/<layer>`` for fitted layers plus the model summary, as float64 scalar tensors."""
+def _metric_dict(layers: Sequence[LayerStats], settings: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``alpha/<layer>`` for fitted layers, ``alpha_delta/<layer>`` where a baseline exists, and the
+    model summary, as float64 scalar tensors."""
     out = {f"alpha/{s.name or '(model)'}": torch.tensor(s.alpha, dtype=torch.float64)
            for s in layers if s.alpha is not None}
-    out.update({k: torch.tensor(float(v), dtype=torch.float64) for k, v in summarize(tuple(layers)).items()})
+    out.update({f"alpha_delta/{s.name or '(model)'}": torch.tensor(s.alpha_delta, dtype=torch.float64)
+                for s in layers if s.alpha_delta is not None})
+    out.update({k: torch.tensor(float(v), dtype=torch.float64) for k, v in summarize(tuple(layers), settings).items()})
     return out
 
 
 def farms_metrics(model: nn.Module, preset: str = "cv", **options: Any) -> dict[str, torch.Tensor]:
     """Functional twin of :class:`FARMSMetric`: ``alpha/<layer>`` and summary values of ``model``.
 
-    ``options`` are :func:`farms_lightning.analyze`'s keyword arguments.
+    ``options`` are :func:`farms_lightning.analyze`'s keyword arguments (``random_baseline=False``
+    leaves out ``alpha_delta/<layer>`` and the baseline's summary values).
 
     Example::
 
@@ -36,7 +44,12 @@ def farms_metrics(model: nn.Module, preset: str = "cv", **options: Any) -> dict[
     """
     from farms_lightning.analysis import analyze
 
-    return _metric_dict(analyze(model, preset, **options).layers)
+    report = analyze(model, preset, **options)
+    return _metric_dict(report.layers, report.settings)
+
+
+def _nan_if_none(value: float | None) -> float:
+    return math.nan if value is None else value
 
 
 class FARMSMetric(Metric):
@@ -44,13 +57,17 @@ class FARMSMetric(Metric):
 
     ``update(model)`` analyses the weights (a snapshot: the latest update replaces earlier ones;
     the module itself is never stored), ``compute()`` returns ``alpha/<layer>`` for every fitted
-    layer and the model summary (``alpha_mean``, ``num_fitted``, ...) as scalar tensors. Under DDP
+    layer, ``alpha_delta/<layer>`` (alpha minus the layer's random-matrix baseline) where there is
+    one, and the model summary (``alpha_mean``, ``alpha_random_mean``, ``num_fitted``, ...) as
+    scalar tensors. Under DDP
     each rank analyses a share of the layers and the states are summed, so every rank computes the
     result a single process would.
 
     Args:
         preset: ``"cv"`` or ``"llm"``; ``options`` override it (``window``, ``aspect_ratio``,
             ``windows_per_dim``, ``fit``, ``esd``, ``dtype``, ``min_eigenvalues``, ``peak_bound``).
+        random_baseline: compare every layer with i.i.d. Gaussian matrices of its shape
+            (``alpha_delta``; cached per shape, so only the first update pays for it).
         include, exclude, layer_types: layer selection, as for :func:`farms_lightning.analyze`.
         kwargs: ``torchmetrics.Metric`` arguments.
 
@@ -80,26 +97,30 @@ class FARMSMetric(Metric):
         layer_types: Optional[list[str]] = None,
         min_eigenvalues: int = 10,
         peak_bound: str = "reference",
+        random_baseline: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
-                                         min_eigenvalues, peak_bound)
+                                         min_eigenvalues, peak_bound, random_baseline)
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
         self.layer_names: list[str] = []
-        # Per layer: [alpha (0 if none), alpha_weighted (0 if none), status code]; summed across ranks,
-        # each layer's row coming from the one rank that analysed it (other ranks leave zeros).
-        self.add_state("layer_values", default=torch.zeros(0, 3, dtype=torch.float64), dist_reduce_fx="sum")
+        # Per layer: [alpha (0 if none), alpha_weighted (0 if none), status code, alpha_random (NaN if
+        # none), alpha_random_spread (NaN if none)]; summed across ranks, each layer's row coming from
+        # the one rank that analysed it (other ranks leave zeros, and NaN + 0 stays NaN).
+        self.add_state("layer_values", default=torch.zeros(0, len(_COLUMNS), dtype=torch.float64),
+                       dist_reduce_fx="sum")
 
     def update(self, model: nn.Module) -> None:  # type: ignore[override]
         layers = discover_layers(model, self.layer_types, self.include, self.exclude)
         mine, _ = local_share(layers)
         stats, _ = analyze_layers(layers, self.settings, assigned=mine)
-        values = torch.zeros(len(layers), 3, dtype=torch.float64)
+        values = torch.zeros(len(layers), len(_COLUMNS), dtype=torch.float64)
         for i in mine:
             s = stats[i]
             assert s is not None  # analyze_layers fills every assigned position
-            values[i] = torch.tensor([s.alpha or 0.0, s.alpha_weighted or 0.0, STATUS_CODES.index(s.status)],
+            values[i] = torch.tensor([s.alpha or 0.0, s.alpha_weighted or 0.0, STATUS_CODES.index(s.status),
+                                      _nan_if_none(s.alpha_random), _nan_if_none(s.alpha_random_spread)],
                                      dtype=torch.float64)
         self.layer_names = [layer.name for layer in layers]
         self.layer_values = values.to(self.device)
@@ -107,14 +128,17 @@ class FARMSMetric(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         rows = self.layer_values.detach().cpu()
         layers = []
-        for name, (alpha, weighted, code) in zip(self.layer_names, rows.tolist()):
+        for name, (alpha, weighted, code, random, spread) in zip(self.layer_names, rows.tolist()):
             status = STATUS_CODES[int(round(code))]
             if status == "not analysed here":  # states not synced (sync_on_compute=False, a sub-group)
                 status = "skipped"
             ok = status == "ok"
-            layers.append(LayerStats(name, "", (), status, "" if ok else status,
-                                     alpha=alpha if ok else None, alpha_weighted=weighted if ok else None))
-        return _metric_dict(layers)
+            stats = LayerStats(name, "", (), status, "" if ok else status,
+                               alpha=alpha if ok else None, alpha_weighted=weighted if ok else None)
+            if ok and not math.isnan(random):
+                stats = with_baseline(stats, Baseline(random, spread, ()))
+            layers.append(stats)
+        return _metric_dict(layers, self.settings)
 
     def plot(self, val: Optional[dict[str, torch.Tensor]] = None, ax: Any = None) -> tuple[Any, Any]:
         """Bar chart of the per-layer alphas of ``val`` (default: ``compute()``); returns ``(fig, ax)``."""

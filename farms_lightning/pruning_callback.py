@@ -84,7 +84,8 @@ class FARMSModelPruning(ModelPruning):
         self.epsilon, self.blocks, self.max_sparsity = epsilon, blocks, max_sparsity
         self.analysis: dict[str, Any] = dict(preset=preset, window=window, aspect_ratio=aspect_ratio, windows_per_dim=windows_per_dim,
                              fit=fit, esd=esd, dtype=dtype, include=include, exclude=exclude, layer_types=layer_types,
-                             min_eigenvalues=min_eigenvalues, peak_bound=peak_bound)
+                             min_eigenvalues=min_eigenvalues, peak_bound=peak_bound,
+                             random_baseline=False)  # only the alphas set the sparsities
         self.alphas: dict[str, Optional[float]] = {}
         self.sparsities: dict[str, float] = {}
         self._targets: list[tuple[LayerMatrix, nn.Module, str]] = []

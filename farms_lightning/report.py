@@ -9,7 +9,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-#: Alpha thresholds of WeightWatcher's labels.
+#: Alpha thresholds of WeightWatcher's labels, calibrated on full-ESD ``ks`` fits and used only there.
 OVER_TRAINED_ALPHA = 2.0
 UNDER_TRAINED_ALPHA = 6.0
 
@@ -42,6 +42,10 @@ class LayerStats:
     stable_rank: float | None = None
     entropy: float | None = None
     num_params: int = 0
+    # Random-matrix baseline (baseline.py): None without a baseline or without a fit.
+    alpha_random: float | None = None
+    alpha_random_spread: float | None = None
+    alpha_delta: float | None = None
 
     def to_row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -70,7 +74,7 @@ class FARMSReport(Mapping[str, LayerStats]):
         #: Sorted ESDs by layer name (one per conv block), when the analysis kept them.
         self.eigenvalues: dict[str, list[torch.Tensor]] = dict(eigenvalues or {})
         self._by_name = {layer.name: layer for layer in self.layers}
-        self.summary: dict[str, float] = summarize(self.layers)
+        self.summary: dict[str, float] = summarize(self.layers, self.settings)
 
     def __getitem__(self, name: str) -> LayerStats:
         return self._by_name[name]
@@ -92,13 +96,16 @@ class FARMSReport(Mapping[str, LayerStats]):
 
     def to_table(self) -> str:
         """A fixed-width text table: name, type, shape, alpha, D, num_evals, status/reason."""
-        header = ("layer", "type", "shape", "alpha", "D", "evals", "status")
+        baseline = any(layer.alpha_random is not None for layer in self.layers)
+        header = ("layer", "type", "shape", "alpha", *(("alpha_random", "alpha_delta") if baseline else ()),
+                  "D", "evals", "status")
         rows = [header] + [
             (
                 layer.name or "(model)",
                 layer.type,
                 "x".join(map(str, layer.shape)),
                 _fmt(layer.alpha),
+                *((_fmt(layer.alpha_random), _fmt(layer.alpha_delta)) if baseline else ()),
                 _fmt(layer.D),
                 str(layer.num_evals),
                 layer.status if layer.status == "ok" else f"{layer.status}: {layer.reason}",
@@ -111,6 +118,7 @@ class FARMSReport(Mapping[str, LayerStats]):
         lines.append(
             f"alpha mean {_fmt(s['alpha_mean'])}, median {_fmt(s['alpha_median'])}; "
             f"{s['num_fitted']} fitted, {s['num_failed']} failed, {s['num_skipped']} skipped"
+            + (f"; random-matrix alpha mean {_fmt(s['alpha_random_mean'])}" if baseline else "")
         )
         return "\n".join(lines)
 
@@ -122,19 +130,59 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
 
 
-def summarize(layers: tuple[LayerStats, ...]) -> dict[str, float]:
-    """Model-level statistics; the means are NaN when no layer was fitted."""
+def summarize(layers: tuple[LayerStats, ...], settings: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Model-level statistics; the means are NaN when no layer was fitted.
+
+    ``num_under_trained`` and ``num_over_trained`` follow :func:`health_counts` for ``settings``.
+    """
     fitted = [layer for layer in layers if layer.alpha is not None]
     alphas = [layer.alpha for layer in layers if layer.alpha is not None]
     weighted = [layer.alpha_weighted for layer in fitted if layer.alpha_weighted is not None]
+    randoms = [layer.alpha_random for layer in fitted if layer.alpha_random is not None]
+    under, over = health_counts(fitted, settings)
     return {
         "alpha_mean": statistics.fmean(alphas) if alphas else math.nan,
         "alpha_median": statistics.median(alphas) if alphas else math.nan,
         "alpha_weighted_mean": statistics.fmean(weighted) if weighted else math.nan,
+        "alpha_random_mean": statistics.fmean(randoms) if randoms else math.nan,
         "num_layers": len(layers),
         "num_fitted": len(fitted),
         "num_skipped": sum(layer.status == "skipped" for layer in layers),
         "num_failed": sum(layer.status == "failed" for layer in layers),
-        "num_under_trained": sum(a > UNDER_TRAINED_ALPHA for a in alphas),
-        "num_over_trained": sum(a < OVER_TRAINED_ALPHA for a in alphas),
+        "num_under_trained": under,
+        "num_over_trained": over,
     }
+
+
+def uses_weightwatcher_labels(settings: Mapping[str, Any] | None) -> bool:
+    """WeightWatcher's alpha thresholds were calibrated on full-ESD ``ks`` fits: only there do they apply."""
+    return settings is not None and settings.get("esd") == "full" and settings.get("fit") == "ks"
+
+
+def looks_random(layer: LayerStats) -> bool | None:
+    """Whether a layer's alpha is indistinguishable from its random-matrix baseline (``None``: no baseline).
+
+    True when ``alpha_delta >= -alpha_random_spread``: the alpha is not below the baseline by more
+    than the whole range of the random draws' alphas, so nothing shows learned structure.
+    """
+    if layer.alpha_delta is None or layer.alpha_random_spread is None:
+        return None
+    return layer.alpha_delta >= -layer.alpha_random_spread
+
+
+def health_counts(fitted: list[LayerStats], settings: Mapping[str, Any] | None) -> tuple[float, float]:
+    """``(num_under_trained, num_over_trained)`` of fitted layers, only where a rule is validated.
+
+    - ``esd="full", fit="ks"``: WeightWatcher's labels, alpha > 6 under-trained, alpha < 2 over-trained.
+    - any other settings: under-trained = :func:`looks_random` among the layers with a baseline;
+      over-trained is NaN (no random-matrix reference tells "too heavy a tail" apart from
+      "well trained"); both NaN when no layer has a baseline (``random_baseline=False``). NaN
+      means "not assessed", never "none".
+    """
+    if uses_weightwatcher_labels(settings):
+        alphas = [layer.alpha for layer in fitted if layer.alpha is not None]
+        return sum(a > UNDER_TRAINED_ALPHA for a in alphas), sum(a < OVER_TRAINED_ALPHA for a in alphas)
+    verdicts = [v for v in (looks_random(layer) for layer in fitted) if v is not None]
+    if not verdicts:
+        return math.nan, math.nan
+    return sum(verdicts), math.nan

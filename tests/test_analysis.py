@@ -13,10 +13,10 @@ from farms_lightning import analyze
 ROW_KEYS = {
     "name", "type", "shape", "status", "reason", "alpha", "xmin", "D", "num_evals", "num_dropped", "lambda_max",
     "log_spectral_norm", "norm", "log_norm", "alpha_weighted", "log_alpha_norm", "stable_rank", "entropy",
-    "num_params",
+    "num_params", "alpha_random", "alpha_random_spread", "alpha_delta",
 }
 SUMMARY_KEYS = {
-    "alpha_mean", "alpha_median", "alpha_weighted_mean", "num_layers", "num_fitted", "num_skipped", "num_failed",
+    "alpha_mean", "alpha_median", "alpha_weighted_mean", "alpha_random_mean", "num_layers", "num_fitted", "num_skipped", "num_failed",
     "num_under_trained", "num_over_trained",
 }
 

@@ -21,7 +21,7 @@ def test_metric_equals_functional_and_analyze():
         else:
             assert f"alpha/{name}" not in result
     for key, value in report.summary.items():
-        assert result[key].item() == pytest.approx(value, rel=1e-12), key
+        assert result[key].item() == pytest.approx(value, rel=1e-12, nan_ok=True), key
 
 
 def test_update_is_a_snapshot_and_reset_clears():

@@ -1,0 +1,119 @@
+"""The random-matrix baseline of a layer: the alpha that "no learned structure" gives.
+
+Every (ESD mode, fit) pair puts alpha on its own scale, so an alpha means little alone. The baseline
+of a layer is the alpha that exactly the same analysis (ESD mode, window, aspect ratio, grid, fit,
+conv rules, ``min_eigenvalues``, ``peak_bound``, solver dtype) gives for i.i.d. Gaussian matrices of
+the layer's analysed shape. One draw is noisy under the ``ks`` and ``peak`` fits, so the baseline is
+the median over :data:`BASELINE_DRAWS` draws, with the range of the draws as its spread.
+
+The matrices are drawn on the CPU in float64 from a private generator seeded with
+:data:`BASELINE_SEED` (the global RNG is never touched; CPU and GPU runs see the same matrices),
+moved to the layer's device and analysed by the engine itself (no math is repeated here). Results are
+cached per (shape, layer kind, device, settings) for the life of the process, so a callback pays for
+each shape once; layers of one shape share one baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from farms_lightning.layers import LayerMatrix
+from farms_lightning.report import LayerStats
+from farms_lightning.spectra import resolve_dtype
+
+#: Gaussian matrices analysed per shape; the baseline is the median of their alphas.
+BASELINE_DRAWS = 5
+#: Seed of the private generator: draw ``d`` of every shape is the ``d``-th matrix it produces.
+BASELINE_SEED = 0
+#: Settings that do not change the analysis of a matrix (left out of the cache key).
+_NOT_ANALYSIS = ("preset", "random_baseline")
+
+Analyse = Callable[[list[LayerMatrix], dict[str, Any]], Sequence[LayerStats | None]]
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The random-matrix alpha of one (shape, settings): median and range of the draws' alphas.
+
+    ``alpha`` is ``None`` when fewer than a majority of the draws gave a fit.
+    """
+
+    alpha: float | None
+    spread: float | None
+    draws: tuple[float | None, ...]
+
+
+_cache: dict[tuple, Baseline] = {}
+_lock = threading.Lock()
+
+
+def random_matrices(shape: Sequence[int], draws: int = BASELINE_DRAWS, seed: int = BASELINE_SEED) -> list[torch.Tensor]:
+    """The baseline's i.i.d. standard-normal float64 CPU matrices of ``shape`` (the global RNG untouched)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(tuple(shape), generator=generator, dtype=torch.float64) for _ in range(draws)]
+
+
+def summarize_draws(alphas: Sequence[float | None]) -> Baseline:
+    """Median and range (max − min) of the fitted draws; ``None`` without a majority of fits."""
+    fitted = [a for a in alphas if a is not None]
+    if 2 * len(fitted) <= len(alphas):
+        return Baseline(None, None, tuple(alphas))
+    return Baseline(statistics.median(fitted), max(fitted) - min(fitted), tuple(alphas))
+
+
+def cache_key(layer: LayerMatrix, settings: dict[str, Any]) -> tuple:
+    """What the baseline of ``layer`` depends on: analysed shape, kind, orientation, device, settings."""
+    normalised = {k: v for k, v in settings.items() if k not in _NOT_ANALYSIS}
+    normalised["dtype"] = resolve_dtype(settings.get("dtype"))
+    w = layer.weight
+    device = "meta" if layer.is_lazy else str(w.device)
+    return (layer.kind, tuple(layer.matrix().shape), layer.transposed, device,
+            tuple(sorted((k, repr(v)) for k, v in normalised.items())))
+
+
+def random_baselines(layers: Sequence[LayerMatrix], settings: dict[str, Any], analyse: Analyse) -> list[Baseline]:
+    """The baseline of every layer; uncached shapes are analysed together in one engine call.
+
+    ``analyse(layers, settings)`` is the engine (``analyze_layers`` without the baseline): it is
+    given :data:`BASELINE_DRAWS` random stand-ins per new shape, each the layer with its weight
+    replaced, so convolutions, split in-projections and ``Conv1D`` follow the layer's own rules.
+    """
+    keys = [cache_key(layer, settings) for layer in layers]
+    with _lock:
+        missing = {key: layer for key, layer in zip(keys, layers) if key not in _cache}
+    if missing:
+        stand_ins: list[LayerMatrix] = []
+        for layer in missing.values():
+            device = layer.weight.device
+            for d, w in enumerate(random_matrices(layer.matrix().shape)):
+                stand_ins.append(dataclasses.replace(layer, name=f"random[{d}]", weight=w.to(device), rows=None))
+        plain = {**settings, "random_baseline": False}
+        stats = analyse(stand_ins, plain)
+        computed = {}
+        for i, key in enumerate(missing):
+            draws = stats[i * BASELINE_DRAWS:(i + 1) * BASELINE_DRAWS]
+            computed[key] = summarize_draws([s.alpha if s is not None else None for s in draws])
+        with _lock:
+            _cache.update(computed)
+    with _lock:
+        return [_cache[key] for key in keys]
+
+
+def clear_cache() -> None:
+    """Forget every cached baseline (they are recomputed on next use, with equal results)."""
+    with _lock:
+        _cache.clear()
+
+
+def with_baseline(stats: LayerStats, baseline: Baseline) -> LayerStats:
+    """``stats`` with ``alpha_random``, ``alpha_random_spread`` and ``alpha_delta`` filled in."""
+    if baseline.alpha is None or stats.alpha is None:
+        return stats
+    return dataclasses.replace(stats, alpha_random=baseline.alpha, alpha_random_spread=baseline.spread,
+                               alpha_delta=stats.alpha - baseline.alpha)
