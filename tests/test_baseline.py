@@ -22,7 +22,7 @@ def independent_baseline(shape, esd, fit, conv=False):
         if conv:
             spectra = ref.conv_block_eigs(w) if esd == "farms" else [ref.conv_full_eigs(w)]
         else:
-            spectra = [ref.farms_eigs(w) if esd == "farms" else ref.full_eigs(w)]
+            spectra = [ref.farms_eigs(w, 30, 1.0, 3) if esd == "farms" else ref.full_eigs(w)]
         fits = [ref.fit(ev, fit) for ev in spectra]
         alphas.append(statistics.fmean(f["alpha"] for f in fits) if all(f["ok"] for f in fits) else None)
     fitted = [a for a in alphas if a is not None]
@@ -35,7 +35,7 @@ def independent_baseline(shape, esd, fit, conv=False):
 def test_baseline_equals_an_independent_computation(esd, fit):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(120, 150), nn.Conv2d(12, 24, 3), nn.Linear(120, 150))
-    report = analyze(model, esd=esd, fit=fit)
+    report = analyze(model, esd=esd, fit=fit, window=30, windows_per_dim=3)
     for name, shape, conv in (("0", (150, 120), False), ("1", (24, 12, 3, 3), True)):
         stats = report[name]
         expected, spread = independent_baseline(shape, esd, fit, conv)
@@ -95,6 +95,7 @@ def test_failed_baseline_leaves_the_layer_unaffected(monkeypatch):
 RANDOM_INIT_TOLERANCE = 4.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("esd", ["farms", "full"])
 @pytest.mark.parametrize("fit", ["median", "ks", "peak"])
 def test_random_init_layers_sit_on_their_baseline(esd, fit):

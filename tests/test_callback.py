@@ -137,7 +137,8 @@ def test_no_logger_warns_and_keeps_history(tmp_path):
 def test_bad_arguments_and_unsupported_strategies():
     for kwargs, name in [({"fit": "x"}, "fit"), ({"window": 0}, "window"), ({"every_n_epochs": -1}, "every_n_epochs"),
                          ({"log_metrics": ["beta"]}, "log_metrics"), ({"save_history": "xml"}, "save_history"),
-                         ({"dtype": "int8"}, "dtype")]:
+                         ({"dtype": "int8"}, "dtype"), ({"random_baseline": 1}, "random_baseline"),
+                         ({"random_baseline": False, "log_metrics": ["alpha_delta"]}, "random_baseline")]:
         with pytest.raises(ValueError, match=name):
             FARMSCallback(**kwargs)
 
@@ -159,3 +160,20 @@ def test_state_dict_round_trip_and_state_key():
     b.load_state_dict(a.state_dict())
     assert b.history == a.history
     assert FARMSCallback(fit="median").state_key != a.state_key
+
+
+def test_alpha_delta_is_logged_when_asked(tmp_path):
+    farms = FARMSCallback(log_metrics=("alpha", "alpha_delta"))
+    logger = CSVLogger(str(tmp_path), name="csv")
+    t, model = _fit(tmp_path, [farms], epochs=1, logger=logger)
+    expected = analyze(model)  # the last analysis saw the final weights
+    for name, stats in expected.items():
+        if stats.alpha_delta is not None:
+            assert float(t.callback_metrics[f"farms/alpha_delta/{name}"]) == pytest.approx(stats.alpha_delta, rel=1e-6)
+    assert float(t.callback_metrics["farms/alpha_random_mean"]) == pytest.approx(expected.summary["alpha_random_mean"])
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        assert "farms/alpha_delta/head.2" in f.readline()
+    plain = FARMSCallback(random_baseline=False)
+    t, _ = _fit(tmp_path / "plain", [plain], epochs=1)
+    assert not any("alpha_delta" in k or "alpha_random" in k or "trained" in k for k in t.callback_metrics)
+    assert plain.history[-1]["layers"][-1]["alpha_random"] is None

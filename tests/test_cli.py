@@ -111,8 +111,25 @@ def test_table_csv_and_markdown(files, capsys, tmp_path):
     assert {r["name"]: float(r["alpha"]) for r in rows} == report.alphas
     code, out, _ = run(["analyze", root / "sd.safetensors", "--format", "markdown"], capsys)
     lines = [line for line in out.splitlines() if line.startswith("|")]
-    assert lines[0] == "| name | type | shape | alpha | D | num_evals | status |" and len(lines) == 2 + len(report)
+    assert lines[0] == "| name | type | shape | alpha | alpha_random | alpha_delta | D | num_evals | status |"
+    assert len(lines) == 2 + len(report)
     assert f"| enc.0 | Linear | 300x200 | {report['enc.0'].alpha:.4g} |" in out
+
+
+def test_no_random_baseline_flag(files, capsys):
+    root, _, sd = files
+    code, out, _ = run(["analyze", root / "sd.pt", "--format", "json"], capsys)
+    layers = json.loads(out)["layers"]
+    expected = analyze(model_from_state_dict(sd))
+    assert code == 0 and [r["alpha_delta"] for r in layers] == [s.alpha_delta for s in expected.layers]
+    assert any(r["alpha_delta"] is not None for r in layers)
+    code, out, _ = run(["analyze", root / "sd.pt", "--format", "json", "--no-random-baseline"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["settings"]["random_baseline"] is False
+    assert all(r["alpha_random"] is None and r["alpha_delta"] is None for r in data["layers"])
+    assert alphas_of(data["layers"]) == expected.alphas | {s.name: None for s in expected.layers if s.alpha is None}
+    code, out, _ = run(["analyze", root / "sd.pt", "--no-random-baseline", "--format", "markdown"], capsys)
+    assert "| name | type | shape | alpha | D | num_evals | status |" in out
 
 
 def test_prune_checkpoint_by_alpha(files, capsys, tmp_path):

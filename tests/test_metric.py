@@ -18,6 +18,7 @@ def test_metric_equals_functional_and_analyze():
     for name, stats in report.items():
         if stats.alpha is not None:
             assert result[f"alpha/{name}"].item() == stats.alpha
+            assert result[f"alpha_delta/{name}"].item() == stats.alpha_delta
         else:
             assert f"alpha/{name}" not in result
     for key, value in report.summary.items():
@@ -75,3 +76,20 @@ def test_rows_of_other_ranks_are_never_reported_as_fitted(monkeypatch):
     assert fitted and all(result[f"alpha/{n}"].item() == expected[n].alpha for n in fitted)
     assert result["num_fitted"].item() == len(fitted) < expected.summary["num_fitted"]
     assert all(v.item() != 0.0 for k, v in result.items() if k.startswith("alpha/"))
+
+
+def test_metric_labels_and_the_baseline_opt_out():
+    torch.manual_seed(0)
+    model = TinyNet()
+    metric = FARMSMetric()  # cv preset: median fit, labels relative to the random baseline
+    metric.update(model)
+    result = metric.compute()
+    report = analyze(model)
+    assert result["num_under_trained"].item() == report.summary["num_under_trained"] == report.summary["num_fitted"]
+    assert torch.isnan(result["num_over_trained"])
+    assert result["alpha_random_mean"].item() == pytest.approx(report.summary["alpha_random_mean"], rel=1e-12)
+    plain = FARMSMetric(random_baseline=False)
+    plain.update(model)
+    values = plain.compute()
+    assert not any(k.startswith("alpha_delta/") for k in values) and torch.isnan(values["alpha_random_mean"])
+    assert values.keys() == farms_metrics(model, random_baseline=False).keys()

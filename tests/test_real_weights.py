@@ -67,3 +67,21 @@ def test_full_esd_peak_on_minilm(minilm):
         w = minilm.get_submodule(name).weight.detach().double().numpy()
         expected = ref.fit(ref.full_eigs(w), "peak")
         assert stats.alpha == pytest.approx(expected["alpha"], rel=1e-6), name
+
+
+@pytest.mark.slow
+def test_minilm_is_below_its_random_baseline_and_random_init_is_not(minilm):
+    """Default settings: the pretrained layers show learned structure, random ones of the same shapes do not."""
+    report = analyze(minilm)
+    fitted = [s for s in report.layers if s.alpha is not None]
+    assert len(fitted) == 37 and all(s.alpha_random is not None for s in fitted)
+    below = [s.name for s in fitted if s.alpha_delta < -1.5 * s.alpha_random_spread]
+    assert len(below) >= 33, below  # measured: 36 of 37
+    assert report.summary["num_under_trained"] == len(fitted) - len(below)
+    assert np.isnan(report.summary["num_over_trained"])  # never "33 of 37 over-trained"
+    g = torch.Generator().manual_seed(0)
+    random_init = model_from_state_dict({k: torch.randn(v.shape, generator=g) * 0.02  # BERT's init
+                                         for k, v in minilm_state_dict().items() if k.endswith("weight")})
+    random_report = analyze(random_init)
+    assert random_report.summary["num_under_trained"] == random_report.summary["num_fitted"] == 37
+    assert max(abs(s.alpha_delta) for s in random_report.layers) < 0.05
