@@ -4,7 +4,8 @@ Run on a quiet machine (no install or test run beside it):  python benchmarks/be
 Every row is timed in this process, best of --repeats runs; "extra MB" is the peak resident memory
 above the level before the run (sampled every 2 ms). Alphas are compared with farms_lightning's
 float64 path (dtype=torch.float64), itself checked against an independent NumPy float64 reference
-in the test suite.
+in the test suite. Rows other than the "callback epoch analysis" ones run without the random-matrix
+baseline (random_baseline=False), like the pipelines they are compared with.
 """
 
 from __future__ import annotations
@@ -21,9 +22,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from farms_lightning import analyze
+from farms_lightning import analyze as _analyze
 from farms_lightning.state_dict import model_from_state_dict
 from farms_lightning.windows import farms_grid
+
+
+
+def analyze(*args: Any, **kwargs: Any) -> Any:
+    """The engine without the random-matrix baseline, as the published pipelines it is compared with."""
+    return _analyze(*args, random_baseline=False, **kwargs)
+
 
 # --------------------------------------------------------------------------------------------- models
 
@@ -183,6 +191,22 @@ def measure(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
     return best, peak_extra, result
 
 
+def callback_analysis(model: nn.Module, with_baseline: bool, first: bool = False) -> Callable[[], Any]:
+    """FARMSCallback's per-epoch analysis (default settings); ``first``: with an empty baseline cache."""
+    from farms_lightning import baseline
+    from farms_lightning.analysis import resolve_settings
+    from farms_lightning.distributed import analyze_distributed
+
+    settings = resolve_settings(random_baseline=with_baseline)
+
+    def run() -> Any:
+        if first:
+            baseline.clear_cache()
+        return analyze_distributed(model, settings, frozen_cache={})[0]
+
+    return run
+
+
 def max_rel_diff(got: dict[str, float], ref: dict[str, float]) -> float:
     common = [n for n in ref if n in got and got[n] is not None and ref[n] is not None]
     return max((abs(got[n] - ref[n]) / abs(ref[n]) for n in common), default=math.nan)
@@ -293,6 +317,18 @@ def main() -> None:
     add("ResNet-18 (CIFAR, 32x32): one training step, batch 128", t_train, mb)
     t_res, mb, rep = measure(lambda: analyze(resnet), r)
     add("ResNet-18: farms_lightning analyze (conv mode, median)", t_res, mb, t_train, max_rel_diff(alphas(rep), ref))
+
+    # The callback's per-epoch analysis with the random-matrix baseline (cached after the first analysis)
+    # against the same analysis without it; and the first analysis, which pays for the baseline.
+    for label, net in (("ResNet-18", resnet), ("GPT-2 blocks", gpt2)):
+        t_plain, mb, _ = measure(callback_analysis(net, False), r)
+        add(f"{label}: callback epoch analysis, random_baseline=False (today's cost)", t_plain, mb)
+        callback_analysis(net, True)()  # the first analysis fills the cache
+        t_cached, mb, _ = measure(callback_analysis(net, True), r)
+        add(f"{label}: callback epoch analysis, random_baseline=True, cached (target: >= 0.91x)", t_cached, mb,
+            t_plain)
+        t_first, mb, _ = measure(callback_analysis(net, True, first=True), r)
+        add(f"{label}: first analysis with random_baseline=True (draws 5 matrices per shape)", t_first, mb, t_plain)
 
     # Real MiniLM: analysis per preset and one training step at sequence length 128.
     model, folder = minilm()

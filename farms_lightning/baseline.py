@@ -19,7 +19,7 @@ import dataclasses
 import statistics
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -31,6 +31,8 @@ from farms_lightning.spectra import resolve_dtype
 BASELINE_DRAWS = 5
 #: Seed of the private generator: draw ``d`` of every shape is the ``d``-th matrix it produces.
 BASELINE_SEED = 0
+#: Most random weights held at once while a baseline is computed (float64: 256 MB).
+BATCH_ELEMENTS = 1 << 25
 #: Settings that do not change the analysis of a matrix (left out of the cache key).
 _NOT_ANALYSIS = ("preset", "random_baseline")
 
@@ -53,10 +55,15 @@ _cache: dict[tuple, Baseline] = {}
 _lock = threading.Lock()
 
 
-def random_matrices(shape: Sequence[int], draws: int = BASELINE_DRAWS, seed: int = BASELINE_SEED) -> list[torch.Tensor]:
-    """The baseline's i.i.d. standard-normal float64 CPU matrices of ``shape`` (the global RNG untouched)."""
+def random_matrices(shape: Sequence[int], draws: int = BASELINE_DRAWS, seed: int = BASELINE_SEED) -> Iterator[torch.Tensor]:
+    """The baseline's i.i.d. standard-normal float64 CPU matrices of ``shape``, one at a time.
+
+    Draw ``d`` is the ``d``-th matrix of a private generator seeded with ``seed``; the global RNG
+    is untouched.
+    """
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(tuple(shape), generator=generator, dtype=torch.float64) for _ in range(draws)]
+    for _ in range(draws):
+        yield torch.randn(tuple(shape), generator=generator, dtype=torch.float64)
 
 
 def summarize_draws(alphas: Sequence[float | None]) -> Baseline:
@@ -78,7 +85,7 @@ def cache_key(layer: LayerMatrix, settings: dict[str, Any]) -> tuple:
 
 
 def random_baselines(layers: Sequence[LayerMatrix], settings: dict[str, Any], analyse: Analyse) -> list[Baseline]:
-    """The baseline of every layer; uncached shapes are analysed together in one engine call.
+    """The baseline of every layer, computed for shapes not yet in the cache.
 
     ``analyse(layers, settings)`` is the engine (``analyze_layers`` without the baseline): it is
     given :data:`BASELINE_DRAWS` random stand-ins per new shape, each the layer with its weight
@@ -88,21 +95,32 @@ def random_baselines(layers: Sequence[LayerMatrix], settings: dict[str, Any], an
     with _lock:
         missing = {key: layer for key, layer in zip(keys, layers) if key not in _cache}
     if missing:
-        stand_ins: list[LayerMatrix] = []
-        for layer in missing.values():
-            device = layer.weight.device
-            for d, w in enumerate(random_matrices(layer.matrix().shape)):
-                stand_ins.append(dataclasses.replace(layer, name=f"random[{d}]", weight=w.to(device), rows=None))
-        plain = {**settings, "random_baseline": False}
-        stats = analyse(stand_ins, plain)
-        computed = {}
-        for i, key in enumerate(missing):
-            draws = stats[i * BASELINE_DRAWS:(i + 1) * BASELINE_DRAWS]
-            computed[key] = summarize_draws([s.alpha if s is not None else None for s in draws])
+        computed = {key: _analyse_draws(layer, settings, analyse) for key, layer in missing.items()}
         with _lock:
             _cache.update(computed)
     with _lock:
         return [_cache[key] for key in keys]
+
+
+def _analyse_draws(layer: LayerMatrix, settings: dict[str, Any], analyse: Analyse) -> Baseline:
+    """The draws of one shape, analysed in batches of at most :data:`BATCH_ELEMENTS` weights.
+
+    Huge layers (an LLM's 4096 x 11008 is 360 MB per float64 draw) are then analysed draw by draw
+    instead of holding all draws at once.
+    """
+    plain = {**settings, "random_baseline": False}
+    per_batch = max(1, BATCH_ELEMENTS // max(1, layer.matrix().numel()))
+    device = layer.weight.device
+    alphas: list[float | None] = []
+    batch: list[LayerMatrix] = []
+    for d, w in enumerate(random_matrices(layer.matrix().shape)):
+        batch.append(dataclasses.replace(layer, name=f"random[{d}]", weight=w.to(device), rows=None))
+        if len(batch) == per_batch:
+            alphas += [s.alpha if s is not None else None for s in analyse(batch, plain)]
+            batch = []
+    if batch:
+        alphas += [s.alpha if s is not None else None for s in analyse(batch, plain)]
+    return summarize_draws(alphas)
 
 
 def clear_cache() -> None:

@@ -128,3 +128,20 @@ def test_labels_follow_the_documented_rule():
     without = [_layer(1.5), _layer(2.5)]
     assert all(math.isnan(v) for v in health_counts(without, {"esd": "full", "fit": "median"}))
     assert health_counts(without, {"esd": "full", "fit": "ks"}) == (0, 1)
+
+
+def test_huge_layers_are_analysed_draw_by_draw_with_equal_results(monkeypatch):
+    model = nn.Sequential(nn.Linear(60, 50), nn.Conv2d(6, 12, 3))
+    baseline.clear_cache()
+    batched = analyze(model, fit="ks")
+    calls = []
+    from farms_lightning import analysis
+
+    original = analysis.analyze_layers
+    monkeypatch.setattr(analysis, "analyze_layers", lambda layers, *a, **k: calls.append(len(layers)) or original(layers, *a, **k))
+    monkeypatch.setattr(baseline, "BATCH_ELEMENTS", 1)
+    baseline.clear_cache()
+    one_by_one = analyze(model, fit="ks")
+    baseline.clear_cache()
+    assert calls.count(1) == 10  # 5 draws for each of the 2 shapes, one per engine call
+    assert one_by_one.layers == batched.layers and batched["0"].alpha_random is not None
