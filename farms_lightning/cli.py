@@ -83,20 +83,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_arguments(parser, argv)
     except UsageError as error:
-        _print_error(error.prog, str(error), EXIT_USAGE)
+        _print_error(error.prog, str(error), hint=True)
         return EXIT_USAGE
     except SystemExit as done:  # --help
         return int(done.code or 0)
     try:
         return args.command(args)
     except CLIError as error:
-        _print_error(args.parser.prog, str(error), error.code)
+        _print_error(args.parser.prog, str(error), hint=error.help_hint)
         return error.code
 
 
-def _print_error(prog: str, message: str, code: int) -> None:
-    hint = f" (see {prog} --help)" if code == EXIT_USAGE else ""
-    print(f"{prog}: error: {message}{hint}", file=sys.stderr)
+def _print_error(prog: str, message: str, hint: bool) -> None:
+    """One line on stderr: the (sub)command, the problem and, for usage errors, where to read more."""
+    print(f"{prog}: error: {message}" + (f" (see {prog} --help)" if hint else ""), file=sys.stderr)
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -137,14 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     epilog = "exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 nothing to analyse, 5 output not writable"
     parser = _Parser(prog="farms-lightning", description=DESCRIPTION, epilog=epilog)
     commands = parser.add_subparsers(required=True, metavar="{analyze,prune}")
-    analyze_cmd = commands.add_parser("analyze", help="FARMS alphas of every weight matrix")
+    usage = "%(prog)s PATH [options]"  # PATH first: --include/--exclude/--layer-types take several values
+    analyze_cmd = commands.add_parser("analyze", help="FARMS alphas of every weight matrix", usage=usage)
     _add_input(analyze_cmd)
     _add_engine(analyze_cmd, preset="cv")
     analyze_cmd.add_argument("--format", choices=FORMATS, help="default: from --output's suffix, else table")
     analyze_cmd.add_argument("--output", "-o", type=Path, help="write the report here (default: stdout)")
     analyze_cmd.set_defaults(command=run_analyze, parser=analyze_cmd)
 
-    prune_cmd = commands.add_parser("prune", help="write a pruned copy of the weights, in the same format")
+    prune_cmd = commands.add_parser("prune", help="write a pruned copy of the weights, in the same format",
+                                    usage=usage)
     _add_input(prune_cmd)
     prune_cmd.add_argument("--sparsity", type=float, required=True, help="target mean sparsity S of the matrices")
     prune_cmd.add_argument("--method", choices=("magnitude", "wanda"), default="magnitude",

@@ -37,9 +37,11 @@ _CHUNK = 1 << 20
 class CLIError(Exception):
     """A clear, expected failure: its message goes to stderr and ``code`` becomes the exit status."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, *, help_hint: bool | None = None) -> None:
         super().__init__(message)
         self.code = code
+        #: Point to ``--help`` after the message (default: for usage errors).
+        self.help_hint = code == EXIT_USAGE if help_hint is None else help_hint
 
 
 def shown(path: Path | str) -> str:
@@ -133,13 +135,13 @@ def check_output(output: Path, inputs: Sequence[Path], reads: Sequence[Path] = (
                            EXIT_OUTPUT)
         if folder and exists and not (os.path.isdir(target) and not os.listdir(target)):
             raise CLIError(f"--output {shown(output)} already exists: the output folder must be new or empty "
-                           f"(nothing in an existing folder is replaced)", EXIT_USAGE)
+                           f"(nothing in an existing folder is replaced)", EXIT_USAGE, help_hint=False)
         if not folder and os.path.isdir(target):
-            raise CLIError(f"--output {shown(output)} is a folder; give a file name", EXIT_USAGE)
+            raise CLIError(f"--output {shown(output)} is a folder; give a file name", EXIT_USAGE, help_hint=False)
 
 
 def _refuse(output: Path, why: str) -> None:
-    raise CLIError(f"--output {shown(output)} {why}: refusing to write over an input", EXIT_USAGE)
+    raise CLIError(f"--output {shown(output)} {why}: refusing to write over an input", EXIT_USAGE, help_hint=False)
 
 
 def atomic_write(target: Path, write: Callable[[Path], object], *, label: Path | None = None) -> None:

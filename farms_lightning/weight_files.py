@@ -83,7 +83,7 @@ def _load_folder(path: Path, trust_pickle: bool) -> Weights:
     listed = set(index.values()) if index is not None else {p.name for p in shards}
     missing = sorted(listed - {p.name for p in shards})
     if missing:
-        raise CLIError(f"{shown(index_files[0])} names the shard {missing[0]}, which is not in {shown(path)}",
+        raise CLIError(f"{shown(index_files[0].name)} names the shard {missing[0]}, which is not in {shown(path)}",
                        EXIT_INPUT)
     owner: dict[str, str] = {}
     for file in shards:
@@ -95,7 +95,7 @@ def _load_folder(path: Path, trust_pickle: bool) -> Weights:
             raise
         if file.name not in listed:
             if tensors:
-                raise CLIError(f"{shown(file)} holds tensors but {shown(index_files[0])} does not list it; "
+                raise CLIError(f"{shown(file)} holds tensors but {shown(index_files[0].name)} does not list it; "
                                f"remove the file or add its keys to the index", EXIT_INPUT)
             continue
         for key in tensors:
@@ -104,7 +104,7 @@ def _load_folder(path: Path, trust_pickle: bool) -> Weights:
                                f"{shown(file.name)}", EXIT_INPUT)
             if index is not None and index.get(key) != file.name:
                 where = f"maps it to {shown(index[key])}" if key in index else "does not list it"
-                raise CLIError(f"{shown(file)} holds {key!r} but {shown(index_files[0])} {where}", EXIT_INPUT)
+                raise CLIError(f"{shown(file)} holds {key!r} but {shown(index_files[0].name)} {where}", EXIT_INPUT)
             owner[key] = file.name
         weights.state_dict.update(tensors)
         weights.files[file.name] = (list(tensors), metadata)
@@ -113,7 +113,7 @@ def _load_folder(path: Path, trust_pickle: bool) -> Weights:
         weights.sources.append(file)
     absent = [key for key in index or {} if key not in owner]
     if index is not None and absent:
-        raise CLIError(f"{shown(index_files[0])} maps {absent[0]!r} to {shown(index[absent[0]])}, which does not "
+        raise CLIError(f"{shown(index_files[0].name)} maps {absent[0]!r} to {shown(index[absent[0]])}, which does not "
                        f"hold it", EXIT_INPUT)
     return weights
 
