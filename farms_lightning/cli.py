@@ -116,7 +116,8 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
         raise
     if extra:
         known = [s for action in args.parser._actions for s in action.option_strings]
-        close = difflib.get_close_matches(extra[0].split("=")[0], known, n=1) if extra[0].startswith("-") else []
+        word = extra[0].split("=")[0]
+        close = [c for c in difflib.get_close_matches(word, known, n=1) if c != word] if word.startswith("-") else []
         raise UsageError(args.parser.prog, f"unrecognized arguments: {' '.join(extra)}"
                                            + (f" (did you mean {close[0]}?)" if close else ""))
     return args
