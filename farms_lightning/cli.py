@@ -40,6 +40,7 @@ from farms_lightning.safe_io import (
     CLIError,
     check_output,
     shown,
+    write_stdout,
     write_text,
 )
 from farms_lightning.state_dict import model_from_state_dict
@@ -124,14 +125,15 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
 
 
 def _path_after_list_option(argv: list[str]) -> tuple[str, str] | None:
-    """``(option, path)`` when the last argument is an existing path typed as a value of a list option."""
-    options = [a.split("=")[0] for a in argv if a.startswith("-")]
-    if not argv or argv[-1].startswith("-") or not options or options[-1] not in LIST_OPTIONS:
-        return None
-    try:
-        return (options[-1], argv[-1]) if os.path.exists(argv[-1]) else None
-    except (OSError, ValueError):
-        return None
+    """``(option, path)`` for the last existing path that was typed among a list option's values."""
+    option, found = None, None
+    for token in argv:
+        if token.startswith("-"):
+            option = token if token in LIST_OPTIONS else None  # "--include=GLOB" takes that one value
+        elif option is not None:
+            with contextlib.suppress(OSError, ValueError):
+                found = (option, token) if os.path.exists(token) else found
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,7 +202,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         report.to_rows(), fmt, table.rsplit("\n", 1)[-1], title,  # the table's last line is the summary
         {"file": shown(weights.path), "settings": report.settings, "summary": report.summary})
     if args.output is None:
-        sys.stdout.write(text)
+        write_stdout(text)
     else:
         write_text(args.output, text)
     return EXIT_OK
@@ -243,7 +245,7 @@ def run_prune(args: argparse.Namespace) -> int:
                f"sparsity {mean:.4f} (target {args.sparsity}); wrote {shown(out)}")
     meta = {"method": "magnitude", "allocation": args.allocation, "sparsity": args.sparsity, "achieved": mean,
             "output": shown(out)}
-    print(format_rows(rows, args.format, summary, f"{shown(args.path)}: pruning {len(rows)} matrices", meta), end="")
+    write_stdout(format_rows(rows, args.format, summary, f"{shown(args.path)}: pruning {len(rows)} matrices", meta))
     return EXIT_OK
 
 

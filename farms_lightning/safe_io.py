@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import stat
+import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -173,6 +174,20 @@ def atomic_write(target: Path, write: Callable[[Path], object], *, label: Path |
 def write_text(target: Path, text: str) -> None:
     """:func:`atomic_write` of UTF-8 text."""
     atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_stdout(text: str) -> None:
+    """Print ``text``; a closed pipe (``... | head``) or a full disk behind a redirection exits 5."""
+    try:
+        with output_errors("the standard output"):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    except CLIError:
+        # Nothing more can reach the reader: send what is left in the buffer nowhere, so that
+        # Python's own flush at exit does not fail again with a traceback.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise
 
 
 @contextlib.contextmanager
