@@ -16,19 +16,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import difflib
 import io
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from farms_lightning.analysis import PRESETS, analyze_layers, resolve_settings
+from farms_lightning.cli_parsing import Parser, UsageError, name_subcommands, parse_arguments
 from farms_lightning.layers import LAYER_TYPES, LayerMatrix, discover_layers
 from farms_lightning.pruners import prune_model
 from farms_lightning.pruning import alpha_sparsity, uniform_sparsity
@@ -51,24 +50,7 @@ __all__ = ["EXIT_INPUT", "EXIT_OUTPUT", "EXIT_USAGE", "main", "build_parser"]
 EXIT_OK, EXIT_INTERNAL, EXIT_EMPTY = 0, 1, 4  # EXIT_USAGE 2, EXIT_INPUT 3, EXIT_OUTPUT 5: safe_io
 FORMATS = ("table", "csv", "json", "markdown")
 SUFFIX_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown", ".markdown": "markdown"}
-#: Options that take several values: a PATH typed after them is read as one of their values.
-LIST_OPTIONS = ("--include", "--exclude", "--layer-types")
 DESCRIPTION = "Analyse or prune saved weights (checkpoints, state dicts, safetensors) without the model's code."
-
-
-class UsageError(Exception):
-    """A command-line usage error of the (sub)command ``prog``: one line, exit code 2."""
-
-    def __init__(self, prog: str, message: str) -> None:
-        super().__init__(message)
-        self.prog = prog
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but an error is raised (and printed by :func:`main` as one line), not a usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(self.prog, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -100,53 +82,17 @@ def _print_error(prog: str, message: str, hint: bool) -> None:
     print(f"{prog}: error: {message}" + (f" (see {prog} --help)" if hint else ""), file=sys.stderr)
 
 
-def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv``; a usage error names the subcommand, suggests a near option, or says how to fix it.
-
-    Raises:
-        UsageError: any usage error (exit code 2).
-    """
-    try:
-        args, extra = parser.parse_known_args(argv)
-    except UsageError as error:
-        moved = _path_after_list_option(argv) if "required: PATH" in str(error) else None
-        if moved:
-            option, path = moved
-            raise UsageError(error.prog, f"PATH is missing: {path!r} was read as a value of {option}, which "
-                                         f"takes several; put PATH first: {error.prog} {path} {option} ...") from None
-        raise
-    if extra:
-        known = [s for action in args.parser._actions for s in action.option_strings]
-        word = extra[0].split("=")[0]
-        close = [c for c in difflib.get_close_matches(word, known, n=1) if c != word] if word.startswith("-") else []
-        raise UsageError(args.parser.prog, f"unrecognized arguments: {' '.join(extra)}"
-                                           + (f" (did you mean {close[0]}?)" if close else ""))
-    return args
-
-
-def _path_after_list_option(argv: list[str]) -> tuple[str, str] | None:
-    """``(option, path)`` for the last existing path that was typed among a list option's values."""
-    option, found = None, None
-    for token in argv:
-        if token.startswith("-"):
-            option = token if token in LIST_OPTIONS else None  # "--include=GLOB" takes that one value
-        elif option is not None:
-            with contextlib.suppress(OSError, ValueError):
-                found = (option, token) if os.path.exists(token) else found
-    return found
-
-
 def build_parser() -> argparse.ArgumentParser:
     epilog = "exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 nothing to analyse, 5 output not writable"
-    parser = _Parser(prog="farms-lightning", description=DESCRIPTION, epilog=epilog)
-    commands = parser.add_subparsers(required=True, metavar="{analyze,prune}")
+    parser = Parser(prog="farms-lightning", description=DESCRIPTION, epilog=epilog)
+    commands = parser.add_subparsers(required=True, dest="subcommand")
     usage = "%(prog)s PATH [options]"  # PATH first: --include/--exclude/--layer-types take several values
     analyze_cmd = commands.add_parser("analyze", help="FARMS alphas of every weight matrix", usage=usage)
     _add_input(analyze_cmd)
     _add_engine(analyze_cmd, preset="cv")
     analyze_cmd.add_argument("--format", choices=FORMATS, help="default: from --output's suffix, else table")
     analyze_cmd.add_argument("--output", "-o", type=Path, help="write the report here (default: stdout)")
-    analyze_cmd.set_defaults(command=run_analyze, parser=analyze_cmd)
+    analyze_cmd.set_defaults(command=run_analyze)
 
     prune_cmd = commands.add_parser("prune", help="write a pruned copy of the weights, in the same format",
                                     usage=usage)
@@ -162,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune_cmd.add_argument("--output", "-o", type=Path, required=True, help="the pruned copy (a folder for a folder)")
     prune_cmd.add_argument("--format", choices=FORMATS, default="table", help="format of the per-layer report")
     _add_engine(prune_cmd, preset="llm")
-    prune_cmd.set_defaults(command=run_prune, parser=prune_cmd)
+    prune_cmd.set_defaults(command=run_prune)
+    name_subcommands(commands)  # after every add_parser: errors name the subcommand
     return parser
 
 
