@@ -160,15 +160,15 @@ def atomic_write(target: Path, write: Callable[[Path], object], *, label: Path |
         final = Path(os.path.realpath(target))
         tmp = _create_temp(final.parent, final.suffix)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(tmp, stat.S_IMODE(os.stat(final).st_mode))
             write(tmp)
+            with contextlib.suppress(FileNotFoundError):  # after writing: the old mode may be read-only
+                os.chmod(tmp, stat.S_IMODE(os.stat(final).st_mode))
             _fsync(tmp)
             os.replace(tmp, final)
         except BaseException:
             _remove(tmp)
             raise
-        _fsync(final.parent)
+        _sync_folder(final.parent)
 
 
 def write_text(target: Path, text: str) -> None:
@@ -205,9 +205,9 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     try:
         yield tmp
         with output_errors(target):
-            _fsync(tmp)
+            _sync_folder(tmp)
             os.replace(tmp, final)  # replaces an empty folder; a non-empty one is an error (ENOTEMPTY)
-            _fsync(final.parent)
+            _sync_folder(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -234,6 +234,9 @@ def copy_into(source: Path, destination: Path, *, label: Path | None = None) -> 
                     break
                 with output_errors(label or destination):
                     writer.write(chunk)
+            with output_errors(label or destination):
+                writer.flush()
+                os.fsync(writer.fileno())
     with output_errors(label or destination):
         shutil.copystat(source, destination)
 
@@ -255,15 +258,19 @@ def _create_temp(parent: Path, suffix: str, *, folder: bool = False) -> Path:
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to the disk."""
+    """Flush a file's data to the disk (a failure here is a failed write)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP):  # some file systems cannot sync folders
-            raise
     finally:
         os.close(fd)
+
+
+def _sync_folder(path: Path) -> None:
+    """Flush a folder's entries (the rename) to the disk, where the system allows it (best effort:
+    some file systems refuse, and a folder without read permission cannot be opened)."""
+    with contextlib.suppress(OSError):
+        _fsync(path)
 
 
 def _remove(path: Path) -> None:

@@ -111,6 +111,12 @@ def test_a_report_inside_an_input_folder_is_fine(inputs, capsys):
     assert code == 0 and json.loads((inputs / "shards" / "report.json").read_text())["summary"]["num_layers"] == 2
 
 
+def test_temporary_files_of_a_killed_run_are_ignored(inputs, capsys):
+    (inputs / "shards" / f"{TEMP_PREFIX}dead.safetensors").write_bytes(b"half a shard")
+    assert run(prune_argv(inputs / "shards", inputs / "out"), capsys)[0] == 0
+    assert sorted(os.listdir(inputs / "out")) == ["config.json", "model-1.safetensors", "model-2.safetensors"]
+
+
 @pytest.mark.parametrize("argv,code,message", [
     (prune_argv("shards", "existing"), 2, "must be new or empty"),
     (prune_argv("sd.pt", "existing"), 2, "is a folder"),
