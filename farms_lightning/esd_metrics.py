@@ -1,4 +1,4 @@
-"""Per-ESD metrics besides alpha (spec §5, WeightWatcher's names), on the non-zero eigenvalues."""
+"""Per-ESD metrics besides alpha (WeightWatcher's names), on the non-zero eigenvalues."""
 
 from __future__ import annotations
 
