@@ -116,7 +116,7 @@ def _lanczos_lambda_max(x: torch.Tensor, check_every: int = 4) -> float:
         steps = j + 1
         breakdown = b <= 1e-14 * scale  # the Krylov space is invariant: its Ritz values are exact
         if breakdown or steps == dim or steps % check_every == 0:
-            theta, y = _top_ritz(basis[:steps], alphas, betas)
+            theta, y = _top_ritz(alphas, betas)
             if breakdown or steps == dim or b * abs(float(y[-1])) <= RESIDUAL_RTOL * theta:
                 vector = basis[:steps].T @ y.to(x.device)
                 residual = float((apply(vector) - theta * vector).norm())
@@ -129,7 +129,7 @@ def _lanczos_lambda_max(x: torch.Tensor, check_every: int = 4) -> float:
     return float(torch.linalg.eigvalsh(_gram(x))[-1].clamp_min(0))
 
 
-def _top_ritz(basis: torch.Tensor, alphas: list[float], betas: list[float]) -> tuple[float, torch.Tensor]:
+def _top_ritz(alphas: list[float], betas: list[float]) -> tuple[float, torch.Tensor]:
     """Largest eigenvalue of the Lanczos tridiagonal matrix and its eigenvector (CPU, float64)."""
     k = len(alphas)
     t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
