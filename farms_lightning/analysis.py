@@ -91,7 +91,7 @@ def analyze(
     Args:
         model: any ``nn.Module``; its weights are read, never modified or kept.
         preset: ``"cv"`` (m=100, Q=1, k=9, median fit) or ``"llm"`` (m=2000, Q=1, k=10, peak fit).
-        window, aspect_ratio, windows_per_dim, fit: override the preset (spec §2, §4).
+        window, aspect_ratio, windows_per_dim, fit: override the preset (docs/method.md).
         esd: ``"farms"`` (pooled windows) or ``"full"`` (the plain ESD of each matrix).
         dtype: ``None``/``torch.float64`` (exact float64 Gram matrices) or ``torch.float32``
             (faster, less exact: peak fits can move by tens of percent).
@@ -237,7 +237,7 @@ def _matrix_windows(w: torch.Tensor, settings: dict[str, Any]) -> WindowSet | st
 
 
 def _conv_windows(w: torch.Tensor, settings: dict[str, Any]) -> WindowSet:
-    """The paper's conv sampling (spec §3): tall kernel-position matrices cut into row blocks."""
+    """The paper's conv sampling: tall kernel-position matrices cut into row blocks."""
     matrices = w.flatten(2).permute(2, 0, 1)  # (kernel positions, out, in)
     if matrices.shape[1] < matrices.shape[2]:
         matrices = matrices.transpose(1, 2)

@@ -1,7 +1,6 @@
 """The aspect-ratio example's core claim, at a small size: full-ESD alpha drifts, FARMS alpha does not."""
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,10 +25,3 @@ def test_full_esd_alpha_drifts_with_the_aspect_ratio_and_farms_alpha_does_not(ex
         assert abs(tall["farms"] - square["farms"]) < 0.1, (kind, square, tall)  # measured: 0.04, 0.03
         assert 1.9 < square["farms"] < 2.3  # an i.i.d. matrix: the random-matrix alpha, whatever the shape
 
-
-def test_help_does_not_run_anything(example, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["aspect_ratio_bias.py", "--help"])
-    monkeypatch.setattr(example, "synthetic_alphas", lambda *a, **k: pytest.fail("ran the analysis"))
-    with pytest.raises(SystemExit) as exit_info:
-        example.main()
-    assert exit_info.value.code == 0 and "--output" in capsys.readouterr().out

@@ -115,7 +115,7 @@ def test_conv_layers_fit_or_give_a_reason(out_channels, in_channels, kernel, dim
         small = min(out_channels, in_channels)
         if esd == "full":
             per_esd = positions * small
-        else:  # spec §3 block shape, written out independently
+        else:  # the paper's conv block shape, written out independently
             cols = small
             if aspect_ratio <= 1:
                 block_rows, block_cols = cols, int(cols // (1 / aspect_ratio))
