@@ -31,7 +31,6 @@ from farms_lightning.layers import LAYER_TYPES, LayerMatrix, discover_layers
 from farms_lightning.pruners import prune_model
 from farms_lightning.pruning import alpha_sparsity, uniform_sparsity
 from farms_lightning.report import FARMSReport
-from farms_lightning.spectra import FLOAT32_REFUSED
 from farms_lightning.state_dict import model_from_state_dict
 from farms_lightning.weight_files import (
     EXIT_INPUT,
@@ -60,9 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as done:  # --help (0) or an argparse usage error (2, already printed)
         return int(done.code or 0)
-    if getattr(args, "dtype", None) == "float32":  # refused before any weight is loaded
-        print(f"farms-lightning: error: --dtype float32: {FLOAT32_REFUSED}", file=sys.stderr)
-        return EXIT_USAGE
     try:
         return args.command(args)
     except CLIError as error:
@@ -113,8 +109,7 @@ def _add_engine(cmd: argparse.ArgumentParser, preset: str) -> None:
     engine.add_argument("--windows-per-dim", type=int, help="window starts per dimension k")
     engine.add_argument("--fit", choices=("median", "ks", "peak"))
     engine.add_argument("--esd", choices=("farms", "full"), default="farms")
-    engine.add_argument("--dtype", choices=("float64", "float32"), default="float64",
-                        help="eigen-solver precision: float64 only (float32 is refused, exit 2)")
+    engine.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     engine.add_argument("--include", nargs="+", action="extend", metavar="GLOB", help="layer-name globs to keep")
     engine.add_argument("--exclude", nargs="+", action="extend", metavar="GLOB", help="layer-name globs to drop")
     engine.add_argument("--layer-types", nargs="+", action="extend", metavar="TYPE",

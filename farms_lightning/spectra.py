@@ -6,7 +6,8 @@ stored (bf16/fp16/fp32 upcast exactly). A Gram matrix resolves eigenvalues only 
 of ``eps·λmax`` of its window, so a window whose spectrum reaches down towards that floor is re-solved
 with a float64 SVD (:data:`REFINE_RATIO`); exact zero rows and columns give exact zero eigenvalues
 and do not count towards that test. Every eigenvalue then equals a float64 SVD's to
-``1e-9·λ + 8·eps·sqrt(λ·λmax)``. There is no float32 mode (see :func:`resolve_dtype`).
+``1e-9·λ + 8·eps·sqrt(λ·λmax)``. ``dtype=torch.float32`` is the published code's precision instead:
+a batched float32 SVD of every window (see :func:`resolve_dtype`).
 Windows of equal shape are solved together, across layers, in memory-bounded chunks, on the weights'
 device. Weights are only read (indexing copies them); no reference is kept.
 """
@@ -36,32 +37,31 @@ CHUNK_ELEMENTS = 1 << 22
 #: margin of ~4 (the largest ratio at which a MiniLM window missed the bound unrefined: 1.5e-7).
 REFINE_RATIO = 1e-6
 
-FLOAT32_REFUSED = (
-    "dtype=torch.float32 is not supported: a float32 Gram matrix loses the small eigenvalues the peak "
-    "fit depends on (peak alphas off by a median of several percent and up to tens of percent on real "
-    "weights, worse than the published float32 SVD pipeline), and a float32 SVD is slower on a CPU than "
-    "the exact float64 default; use dtype=None or torch.float64"
-)
+#: Each batch first solves this many windows by Gram + refinement; when most of them needed the
+#: SVD (square windows of trained weights often do), the rest of the batch goes to the SVD directly,
+#: which is then cheaper than a Gram solve followed by an SVD.
+PILOT_WINDOWS = 8
 
 
 def resolve_dtype(dtype: DTypeLike) -> torch.dtype:
-    """The eigen-solver dtype, always float64; ``None``, ``torch.float64`` and ``"float64"`` are accepted.
+    """The eigen-solver dtype: ``None``/``torch.float64``/``"float64"`` (default) or ``torch.float32``.
+
+    float64 gives eigenvalues equal to a float64 SVD's. float32 is the published code's own
+    precision: a batched float32 SVD per window (the same values as the published per-window
+    ``svdvals`` loop), faster than the float64 path on square windows, less exact (MiniLM peak
+    alphas: median 5e-7 but up to 23% off float64).
 
     Raises:
-        ValueError: for ``torch.float32``/``"float32"`` (the float32 mode was removed: it was less
-            accurate than the published float32 SVD pipeline and not faster than float64 on a CPU)
-            and for any other value.
+        ValueError: any other value.
     """
     if dtype is None:
         return torch.float64
     if isinstance(dtype, str):
         dtype = {"float64": torch.float64, "double": torch.float64, "float32": torch.float32,
                  "float": torch.float32}.get(dtype.removeprefix("torch."), dtype)  # type: ignore[arg-type]
-    if dtype == torch.float64:
-        return torch.float64
-    if dtype == torch.float32:
-        raise ValueError(FLOAT32_REFUSED)
-    raise ValueError(f"`dtype` must be None or torch.float64, got {dtype!r}")
+    if dtype in (torch.float64, torch.float32):
+        return dtype  # type: ignore[return-value]
+    raise ValueError(f"`dtype` must be None, torch.float64 or torch.float32, got {dtype!r}")
 
 
 @dataclass
@@ -79,7 +79,7 @@ class WindowSet:
     scale: float = 1.0
     group_by_row_start: bool = False
     pieces: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
-    #: How many of this set's windows the last solve re-solved with a float64 SVD.
+    #: How many of this set's windows the last solve solved by an SVD (float64: refined).
     refined_windows: int = 0
 
     @property
@@ -135,25 +135,47 @@ def structural_zeros(windows: torch.Tensor) -> torch.Tensor:
     return min(windows.shape[-2:]) - rank_bound
 
 
-def window_eigenvalues(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 eigenvalues (ascending) of each ``(B, r, c)`` window, equal to a float64 SVD's.
+def svd_eigenvalues(windows: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Squared singular values (ascending, float64) of each ``(B, r, c)`` window, SVD in ``dtype``."""
+    return torch.linalg.svdvals(windows.to(dtype)).flip(-1).to(torch.float64).square()
 
-    Gram eigenvalues first; the structural zeros of :func:`structural_zeros` are set to exactly 0;
-    windows whose smallest other eigenvalue is ``<= REFINE_RATIO·λmax`` are re-solved with a batched
-    float64 SVD. Returns the eigenvalues and the boolean mask of the refined windows.
-    """
+
+def _gram_refined(windows: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram eigenvalues; windows whose smallest non-structural one is ``<= REFINE_RATIO·λmax`` by SVD."""
     ev = gram_eigenvalues(windows)
     size = ev.shape[-1]
-    zeros = structural_zeros(windows).to(ev.device)
-    is_zero = torch.arange(size, device=ev.device) < zeros[:, None]
-    ev[is_zero] = 0.0
+    ev[torch.arange(size, device=ev.device) < zeros[:, None]] = 0.0
     smallest = ev.gather(1, zeros.clamp(max=size - 1)[:, None]).squeeze(1)
     refine = (smallest <= REFINE_RATIO * ev[:, -1]) & (zeros < size)
     if bool(refine.any()):
-        exact = torch.linalg.svdvals(windows[refine].to(torch.float64)).flip(-1).square()
-        exact[is_zero[refine]] = 0.0
-        ev[refine] = exact
+        ev[refine] = svd_eigenvalues(windows[refine])
     return ev, refine
+
+
+def window_eigenvalues(windows: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending, float64) of each ``(B, r, c)`` window, and which were solved by SVD.
+
+    float64: Gram eigenvalues, with windows whose smallest non-structural eigenvalue is
+    ``<= REFINE_RATIO·λmax`` re-solved by a batched float64 SVD (a batch whose first
+    ``PILOT_WINDOWS`` mostly needed it goes to the SVD directly), so every value equals a float64
+    SVD's to ``1e-9·λ + 8·eps·sqrt(λ·λmax)``. float32: a batched float32 SVD of every window. In
+    both, the :func:`structural_zeros` of each window are exactly 0.
+    """
+    size = min(windows.shape[-2:])
+    zeros = structural_zeros(windows)
+    if dtype == torch.float32:
+        ev, svd = svd_eigenvalues(windows, torch.float32), torch.ones(len(windows), dtype=torch.bool)
+    else:
+        ev, svd = _gram_refined(windows[:PILOT_WINDOWS], zeros[:PILOT_WINDOWS])
+        if len(windows) > PILOT_WINDOWS:
+            rest = windows[PILOT_WINDOWS:]
+            if 2 * int(svd.sum()) > len(svd):
+                ev_rest, svd_rest = svd_eigenvalues(rest), torch.ones(len(rest), dtype=torch.bool)
+            else:
+                ev_rest, svd_rest = _gram_refined(rest, zeros[PILOT_WINDOWS:])
+            ev, svd = torch.cat([ev, ev_rest]), torch.cat([svd.cpu(), svd_rest.cpu()])
+    ev[torch.arange(size, device=ev.device) < zeros.to(ev.device)[:, None]] = 0.0
+    return ev, svd.cpu()
 
 
 def compute_spectra(
@@ -165,7 +187,7 @@ def compute_spectra(
     one intra-op thread (see :mod:`farms_lightning.threads`). Returns, for each set, the sorted
     float64 eigenvalues of each of its groups.
     """
-    resolve_dtype(dtype)
+    solver_dtype = resolve_dtype(dtype)
     by_shape: dict[tuple, list[tuple[WindowSet, torch.Tensor]]] = defaultdict(list)
     for ws in window_sets:
         ws.pieces = defaultdict(list)
@@ -195,18 +217,18 @@ def compute_spectra(
         if pending:
             batches.append(pending)
         any_cpu = any_cpu or device.type == "cpu"
-    for pending, (ev, refined) in zip(batches, _solve_batches(batches, workers if any_cpu else 1)):
+    for pending, (ev, refined) in zip(batches, _solve_batches(batches, solver_dtype, workers if any_cpu else 1)):
         _distribute(pending, ev, refined)
     return [ws.eigenvalues() for ws in window_sets]
 
 
 def _solve_batches(
-    batches: list[list[tuple[WindowSet, torch.Tensor]]], workers: int
+    batches: list[list[tuple[WindowSet, torch.Tensor]]], dtype: torch.dtype, workers: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Eigenvalues (float64, CPU) and refined-window masks of every batch; CPU batches run on a pool."""
     def solve(pending: list[tuple[WindowSet, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         windows = torch.cat([ws.extract(index) for ws, index in pending])
-        ev, refined = window_eigenvalues(windows)
+        ev, refined = window_eigenvalues(windows, dtype)
         return ev.to(device="cpu"), refined.cpu()
 
     with single_threaded_ops():
@@ -248,13 +270,14 @@ def farms_eigenvalues(
         window: window rows ``m`` (clamped to fit the matrix).
         aspect_ratio: ``Q = cols / rows`` of a window; window cols are ``int(m * Q)``.
         windows_per_dim: ``k`` window starts per dimension (``k x k`` windows at most).
-        dtype: ``None`` or ``torch.float64`` (the only solver precision; ``torch.float32`` raises).
+        dtype: ``None``/``torch.float64`` (equal to a float64 SVD) or ``torch.float32`` (the
+            published code's float32 SVD, batched: faster, less exact).
 
     Returns:
         A 1-D float64 CPU tensor; empty when the matrix cannot hold a 2 x 2 window.
 
     Raises:
-        ValueError: ``w`` is not 2-D, a setting is out of range, or ``dtype`` is not float64.
+        ValueError: ``w`` is not 2-D, or a setting is out of range.
 
     Example::
 
