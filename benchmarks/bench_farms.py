@@ -16,7 +16,7 @@ import platform
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -196,10 +196,9 @@ class refinement_disabled:
         spectra.REFINE_RATIO = self.saved
 
 
-def rank_deficient_models() -> dict[str, nn.Module]:
+def rank_deficient_models() -> Iterator[tuple[str, nn.Module]]:
     """GPT-2 small's block matrices pruned three ways: zero rows, unstructured 50%, a rank-8 LoRA delta."""
     torch.manual_seed(0)
-    models = {}
     for kind in ("half the rows zeroed", "50% unstructured magnitude pruning", "rank-8 LoRA delta B·A"):
         model = gpt2_small_blocks()
         with torch.no_grad():
@@ -212,8 +211,7 @@ def rank_deficient_models() -> dict[str, nn.Module]:
                         w[w.abs() < w.abs().median()] = 0
                     else:
                         w.copy_(torch.randn(w.shape[0], 8) @ torch.randn(8, w.shape[1]) * 0.01)
-        models[kind] = model
-    return models
+        yield kind, model
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -354,7 +352,7 @@ def main() -> None:
     add("ResNet-18: farms_lightning analyze (conv mode, median)", t_res, mb, t_train, max_rel_diff(alphas(rep), ref))
 
     # Cost of the float64 SVD refinement of near-singular windows: rank-deficient inputs.
-    for kind, pruned in rank_deficient_models().items():
+    for kind, pruned in rank_deficient_models():
         with refinement_disabled():
             t_off, mb, _ = measure(lambda: analyze(pruned), r)
         add(f"GPT-2 {kind}, cv median: Gram only (refinement disabled)", t_off, mb)
