@@ -263,7 +263,7 @@ def farms_eigenvalues(
     windows_per_dim: int = 9,
     dtype: DTypeLike = None,
 ) -> torch.Tensor:
-    """Pooled FARMS eigenvalues of one 2-D matrix (spec §2), sorted ascending, float64, zeros kept.
+    """Pooled FARMS eigenvalues of one 2-D matrix, sorted ascending, float64, zeros kept.
 
     Args:
         w: a 2-D tensor, any float dtype and device; read only.
