@@ -237,8 +237,11 @@ class FARMSCallback(Callback):
         return report_scalars(report, self.prefix, self.log_metrics, self.log_summary, elapsed)
 
     def _layout_per_layer(self, report: FARMSReport) -> dict[str, list[str]]:
-        """Per-layer metric -> the layers charted together in the TensorBoard layout (model order)."""
-        return {metric: [s.name for s in report.layers] for metric in self.log_metrics}
+        """Per-layer metric -> the layers charted together in the TensorBoard layout: every layer fitted
+        in some analysis so far, in model order (a layer never fitted has no scalar to chart)."""
+        fitted = {row["name"] for entry in self.history for row in entry["layers"] if row["status"] == "ok"}
+        names = [s.name for s in report.layers if s.name in fitted]
+        return {metric: names for metric in self.log_metrics}
 
     def _warn_bad_layers(self, report: FARMSReport) -> None:
         for stats in report.layers:
