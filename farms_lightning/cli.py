@@ -19,8 +19,10 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -54,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         $ farms-lightning analyze model.safetensors --fit peak --format json --output alphas.json
         $ farms-lightning prune last.ckpt --sparsity 0.5 --allocation alpha --output pruned.ckpt
+        $ farms-lightning plot lightning_logs/version_0/farms_history.json --output heatmap.png
     """
     try:
         args = build_parser().parse_args(argv)
@@ -69,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     epilog = "exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 nothing to analyse, 5 output not writable"
     parser = argparse.ArgumentParser(prog="farms-lightning", description=__doc__.split("\n\n")[0], epilog=epilog)
-    commands = parser.add_subparsers(required=True, metavar="{analyze,prune}")
+    commands = parser.add_subparsers(required=True, metavar="{analyze,prune,plot}")
     analyze_cmd = commands.add_parser("analyze", help="FARMS alphas of every weight matrix")
     _add_input(analyze_cmd)
     _add_engine(analyze_cmd, preset="cv")
@@ -91,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     prune_cmd.add_argument("--format", choices=FORMATS, default="table", help="format of the per-layer report")
     _add_engine(prune_cmd, preset="llm")
     prune_cmd.set_defaults(command=run_prune)
+
+    plot_cmd = commands.add_parser("plot", help="heatmap of a training history (layers x analyses) as an image")
+    plot_cmd.add_argument("path", type=Path, help="a history written by save_history: <prefix>_history.json or .csv")
+    plot_cmd.add_argument("--metric", default="auto",
+                          help="row key to colour by (default auto: alpha_delta when the history has a random "
+                               "baseline, else alpha)")
+    plot_cmd.add_argument("--output", "-o", type=Path, required=True,
+                          help="the image; its suffix picks the format (.png, .pdf, .svg)")
+    plot_cmd.set_defaults(command=run_plot)
     return parser
 
 
@@ -175,6 +187,47 @@ def run_prune(args: argparse.Namespace) -> int:
             "output": str(out)}
     print(format_rows(rows, args.format, summary, f"{args.path}: pruning {len(rows)} matrices", meta), end="")
     return EXIT_OK
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from farms_lightning.history import heatmap_metric, load_history
+
+    out, source = args.output, args.path
+    if out.resolve() == source.resolve() or (out.exists() and source.exists() and os.path.samefile(out, source)):
+        raise CLIError(f"--output {out} is the input: refusing to overwrite it", EXIT_USAGE)
+    try:
+        history = load_history(source)
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as error:
+        raise CLIError(f"cannot read a history from {source}: {_first_line(error)}", EXIT_INPUT) from None
+    if not history:
+        raise CLIError(f"{source} holds no analysis", EXIT_EMPTY)
+    try:
+        from farms_lightning.plotting import plot_history
+    except ModuleNotFoundError as error:
+        raise CLIError(str(error), EXIT_INTERNAL) from None
+    with _usage_errors():
+        fig, _ = plot_history(history, heatmap_metric(history) if args.metric == "auto" else args.metric)
+    # Atomic: a temporary file in the target's folder, renamed into place; a failure keeps the old file.
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out.resolve().parent, prefix=".farms-tmp-", suffix=out.suffix)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png", dpi=110)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except (OSError, ValueError) as error:  # ValueError: a format matplotlib does not write
+        raise CLIError(f"cannot write {out}: {_first_line(error)}", EXIT_OUTPUT) from None
+    print(f"wrote {out}: {len(history)} analyses")
+    return EXIT_OK
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _selected_layers(weights: Weights, args: argparse.Namespace) -> list[LayerMatrix]:

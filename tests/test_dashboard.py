@@ -195,3 +195,45 @@ def test_two_callbacks_with_different_prefixes_log_side_by_side(tmp_path):
     assert float(t.callback_metrics["farms_peak/alpha_mean"]) == pytest.approx(
         b.history[-1]["summary"]["alpha_mean"])
     assert torch.is_tensor(t.callback_metrics["farms_peak/time_s"])
+
+
+def _saved_history(tmp_path):
+    """Two real analyses (initial weights, then perturbed ones) saved as JSON and CSV."""
+    from farms_lightning.history import history_entry, write_history
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    history = [history_entry(analyze(model), "train_start", 0, 0, 0.1)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    history.append(history_entry(analyze(model), "epoch", 0, 4, 0.1))
+    write_history(history, tmp_path / "farms_history.json")
+    write_history(history, tmp_path / "farms_history.csv")
+    return history
+
+
+def test_plot_command_writes_the_heatmap_and_never_over_its_input(tmp_path, capsys):
+    from farms_lightning.cli import main
+    from farms_lightning.history import history_matrix, load_history
+
+    history = _saved_history(tmp_path)
+    source = tmp_path / "farms_history.json"
+    before = source.read_bytes()
+    assert main(["plot", str(source), "-o", str(tmp_path / "heatmap.png")]) == 0
+    picture = plt.imread(tmp_path / "heatmap.png")
+    assert picture.ndim == 3 and min(picture.shape[:2]) > 100
+    # The CSV history gives the same matrix as the JSON one (and as the history itself).
+    assert history_matrix(load_history(tmp_path / "farms_history.csv")) == history_matrix(history)
+    assert main(["plot", str(tmp_path / "farms_history.csv"), "-o", str(tmp_path / "h.svg"), "--metric",
+                 "stable_rank"]) == 0
+    assert (tmp_path / "h.svg").read_text().lstrip().startswith("<?xml")
+    assert main(["plot", str(source), "-o", str(source)]) == 2
+    assert main(["plot", str(source), "-o", str(tmp_path / "x.png"), "--metric", "beta"]) == 2
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    assert main(["plot", str(tmp_path / "other.json"), "-o", str(tmp_path / "y.png")]) == 3
+    assert main(["plot", str(source), "-o", str(tmp_path / "missing" / "z.png")]) == 5
+    assert source.read_bytes() == before
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".farms-tmp-")]
+    assert "refusing" in capsys.readouterr().err
