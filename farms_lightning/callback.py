@@ -260,7 +260,7 @@ class FARMSCallback(Callback):
         for logger in trainer.loggers:
             if not dashboard.is_tensorboard(logger):
                 continue
-            writer = logger.experiment  # a TensorBoardLogger's SummaryWriter
+            writer = logger.experiment  # type: ignore[attr-defined]  # a TensorBoardLogger's SummaryWriter
             dashboard.add_layout(writer, self.prefix, charts)
             if self.log_histogram and alphas:
                 writer.add_histogram(f"{self.prefix}/alpha_histogram", torch.tensor(list(alphas.values())), step)
