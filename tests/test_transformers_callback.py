@@ -112,12 +112,14 @@ def test_tempbalance_with_one_param_group_per_layer(tmp_path):
     farms = FARMSTrainerCallback(every_n_steps=2, every_n_epochs=None, lr_balance=True, lr_min_ratio=0.2,
                                  lr_max_ratio=1.8)
     scheduled = ScheduledLR(optimizer)
-    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=RandomText(), callbacks=[farms, scheduled],
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=RandomText(), callbacks=[scheduled],
                       optimizers=(optimizer, None))
+    trainer.add_callback(farms)  # added after the Trainer's init: it moves itself first in on_train_begin
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no mixed-group warning with per-layer groups
         warnings.filterwarnings("ignore", message="(?!FARMS)")
         trainer.train()
+    assert trainer.callback_handler.callbacks[0] is farms
     assert len(optimizer.used) == len(scheduled.scheduled) == STEPS
     names = [g["name"] for g in optimizer.param_groups]
     for entry in farms.history:
