@@ -11,13 +11,7 @@ import argparse
 import os
 import sys
 
-import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits import DigitsCNN, digits_loaders  # noqa: E402
-
-from farms_lightning import FARMSCallback  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for the helper module _digits
 
 
 def main() -> None:
@@ -26,6 +20,13 @@ def main() -> None:
     parser.add_argument("--logdir", default="farms_logs")
     parser.add_argument("--heatmap", help="also save the alpha heatmap of the whole run as this PNG")
     args = parser.parse_args()
+    # Imported after the arguments, so that --help answers at once.
+    import lightning.pytorch as pl
+    from _digits import DigitsCNN, digits_loaders
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from farms_lightning import FARMSCallback
+
     pl.seed_everything(0, verbose=False)
     try:
         import matplotlib  # noqa: F401

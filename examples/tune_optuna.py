@@ -38,7 +38,7 @@ def main() -> None:
     from optuna_integration import PyTorchLightningPruningCallback
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from digits import DigitsCNN, digits_loaders
+    from _digits import DigitsCNN, digits_loaders
 
     from farms_lightning import FARMSCallback
 
