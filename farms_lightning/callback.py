@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -265,7 +266,9 @@ class FARMSCallback(Callback):
         if folder is not None:
             write_history(self.history, history_path(folder, self.prefix, str(self.save_history)))
         alphas = report.alphas
-        summary_keys = list(report.summary) if self.log_summary else []
+        # Only logged values are charted: NaN ("not assessed") summary values are never logged.
+        summary_keys = [k for k, v in report.summary.items() if not (isinstance(v, float) and math.isnan(v))] \
+            if self.log_summary else []
         charts = dashboard.layout_charts(self.prefix, self._layout_per_layer(report), summary_keys, self.log_summary)
         for logger in trainer.loggers:
             if not dashboard.is_tensorboard(logger):
