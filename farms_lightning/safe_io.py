@@ -100,7 +100,7 @@ def output_errors(path: Path | str) -> Iterator[None]:
 
 
 def check_output(output: Path, inputs: Sequence[Path], reads: Sequence[Path] = (), *, folder: bool = False,
-                 report: bool = False) -> None:
+                 report: bool = False, reuse: bool = False) -> None:
     """Refuse, before any work, an output that would write over an input, or that cannot be made.
 
     Args:
@@ -110,6 +110,7 @@ def check_output(output: Path, inputs: Sequence[Path], reads: Sequence[Path] = (
         folder: the output is a folder; it must not exist, or be an empty folder.
         report: a report may lie inside an input folder (``analyze dir -o dir/report.json``),
             though never on a file that is read; other outputs may not.
+        reuse: (with ``folder``) an existing folder is written into, file by file (a cache).
 
     Raises:
         CLIError: exit 2 for an output that is, links to or lies inside an input (or holds one) or
@@ -133,7 +134,9 @@ def check_output(output: Path, inputs: Sequence[Path], reads: Sequence[Path] = (
         if not os.path.isdir(target.parent):
             raise CLIError(f"cannot write {shown(output)}: the folder {shown(target.parent)} does not exist",
                            EXIT_OUTPUT)
-        if folder and exists and not (os.path.isdir(target) and not os.listdir(target)):
+        if folder and reuse and exists and not os.path.isdir(target):
+            raise CLIError(f"{shown(output)} exists and is not a folder", EXIT_USAGE, help_hint=False)
+        if folder and not reuse and exists and not (os.path.isdir(target) and not os.listdir(target)):
             raise CLIError(f"--output {shown(output)} already exists: the output folder must be new or empty "
                            f"(nothing in an existing folder is replaced)", EXIT_USAGE, help_hint=False)
         if not folder and os.path.isdir(target):
