@@ -48,7 +48,14 @@ from farms_lightning.pruning import alpha_sparsity, uniform_sparsity
 from farms_lightning.report import FARMSReport
 from farms_lightning.stats_cache import StatsCache
 from farms_lightning.stream_prune import prune_stream
-from farms_lightning.streaming import Checkpoint, StreamOptions, analyze_checkpoint, largest_tensor, open_checkpoint
+from farms_lightning.streaming import (
+    Checkpoint,
+    StreamOptions,
+    analyze_checkpoint,
+    largest_tensor,
+    open_checkpoint,
+    tied_owners,
+)
 from farms_lightning.streaming import select as select_layers
 from farms_lightning.safe_io import (
     EXIT_INPUT,
@@ -221,7 +228,7 @@ def _add_engine(cmd: argparse.ArgumentParser, preset: str) -> None:
 
 def run_analyze(args: argparse.Namespace) -> int:
     _layer_types(args)  # usage errors before any reading
-    checkpoint, report = _analysis(args, report_output=args.output)
+    checkpoint, _, report = _analysis(args, report_output=args.output)
     if distributed_context()[0] != 0:
         return EXIT_OK
     fmt = args.format or (SUFFIX_FORMATS.get(args.output.suffix.lower(), "table") if args.output else "table")
@@ -237,7 +244,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def _analysis(args: argparse.Namespace, report_output: Path | None = None, prune_output: Path | None = None,
-              analyse: bool = True) -> tuple[Checkpoint, FARMSReport]:
+              analyse: bool = True) -> tuple[Checkpoint, list[LayerMatrix], FARMSReport]:
     """Index the input, check the outputs, and (with ``analyse``) stream the analysis of the selection."""
     device = resolve_device(args.device)
 
@@ -258,13 +265,13 @@ def _analysis(args: argparse.Namespace, report_output: Path | None = None, prune
         settings = resolve_settings(args.preset, args.window, args.aspect_ratio, args.windows_per_dim, args.fit,
                                     args.esd, args.dtype, args.min_eigenvalues, args.peak_bound)
     if not analyse:
-        return checkpoint, FARMSReport([], settings)
+        return checkpoint, layers, FARMSReport([], settings)
     options = StreamOptions(device, group_budget(device, args.max_memory, largest_tensor(layers)), cache)
     report, analysed = analyze_checkpoint(checkpoint, layers, settings, options, args.progress)
     if cache is not None and distributed_context()[0] == 0:
         print(f"farms-lightning: cache {shown(cache.folder)}: {len(layers) - analysed} of {len(layers)} matrices "
               f"not analysed again (cached or tied), {analysed} analysed", file=sys.stderr)
-    return checkpoint, report
+    return checkpoint, layers, report
 
 
 def run_prune(args: argparse.Namespace) -> int:
@@ -278,7 +285,7 @@ def run_prune(args: argparse.Namespace) -> int:
     with _usage_errors():  # check the numbers before a long analysis
         alpha_sparsity({}, args.sparsity, args.epsilon, blocks=args.blocks, max_sparsity=args.max_sparsity)
     by_alpha = args.allocation == "alpha"
-    checkpoint, report = _analysis(args, prune_output=out, analyse=by_alpha)
+    checkpoint, layers, report = _analysis(args, prune_output=out, analyse=by_alpha)
     alphas: dict[str, float | None] = {}
     with _usage_errors():
         if by_alpha:
@@ -289,9 +296,9 @@ def run_prune(args: argparse.Namespace) -> int:
                 print("farms-lightning: warning: no layer could be fitted; every layer gets --sparsity",
                       file=sys.stderr)
         else:
-            layers = select_layers(checkpoint, _layer_types(args), args.include, args.exclude)
             sparsities = uniform_sparsity([m.name for m in layers], args.sparsity)
-    tied = set(_tied_names(checkpoint))
+    # A layer reading the memory of an earlier selected one is pruned with it (alpha_sparsity leaves it out).
+    tied = {layers[i].name for i in tied_owners(checkpoint, layers)}
     achieved = prune_stream(checkpoint, {n: s for n, s in sparsities.items() if n not in tied}, out)
     if distributed_context()[0] != 0:
         return EXIT_OK
@@ -308,12 +315,6 @@ def run_prune(args: argparse.Namespace) -> int:
             "output": shown(out)}
     print(format_rows(rows, args.format, summary, f"{shown(args.path)}: pruning {len(rows)} matrices", meta), end="")
     return EXIT_OK
-
-
-def _tied_names(checkpoint: Checkpoint) -> list[str]:
-    """Layers whose key reads another key's memory: pruning that one prunes them."""
-    keys = checkpoint.keys
-    return [name for name in keys if checkpoint.stored_key(keys[name]) != keys[name]]
 
 
 def _layer_types(args: argparse.Namespace) -> list[str] | None:

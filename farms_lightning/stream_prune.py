@@ -101,7 +101,9 @@ def _write_file(checkpoint: Checkpoint, shard: str, sparsities: dict[str, float]
                     tensor = file.get_tensor(key)
                 if key in names:
                     name = names[key]
-                    achieved.update(prune_model(model_from_state_dict({key: tensor}), {name: sparsities[name]}))
+                    # Under the layer's own key (a tied alias names the stored tensor differently).
+                    shell = model_from_state_dict({checkpoint.keys[name]: tensor})
+                    achieved.update(prune_model(shell, {name: sparsities[name]}))
                 return tensor
 
             atomic_write(target, lambda tmp: save_safetensors(specs, tmp, metadata, load=load), label=label)
