@@ -32,7 +32,7 @@ from farms_lightning.safe_io import (
 )
 from farms_lightning.safetensors_file import SafetensorsFile, save_safetensors
 from farms_lightning.state_dict import model_from_state_dict
-from farms_lightning.streaming import Checkpoint
+from farms_lightning.streaming import Checkpoint, release_freed_memory
 from farms_lightning.weight_files import _save_torch, read_torch
 
 
@@ -60,6 +60,7 @@ def prune_stream(checkpoint: Checkpoint, sparsities: dict[str, float], out: Path
             done: dict[str, float] = {}
             for shard in mine:
                 done.update(_write_file(checkpoint, shard, by_shard.get(shard, {}), tmp / shard, label=out / shard))
+                release_freed_memory()
             return done
 
         parts = gather(together(write_mine))
@@ -104,13 +105,18 @@ def _write_file(checkpoint: Checkpoint, shard: str, sparsities: dict[str, float]
                     # Under the layer's own key (a tied alias names the stored tensor differently).
                     shell = model_from_state_dict({checkpoint.keys[name]: tensor})
                     achieved.update(prune_model(shell, {name: sparsities[name]}))
+                    release_freed_memory()  # the sort's buffers
                 return tensor
 
             atomic_write(target, lambda tmp: save_safetensors(specs, tmp, metadata, load=load), label=label)
         return achieved
     tensors, container = read_torch(source, checkpoint.trust_pickle, mmap=True)
     # The shard's own tensors: tied keys share memory here, and the pruner prunes each memory once.
-    achieved = prune_model(model_from_state_dict(tensors), sparsities)
+    # Pruned in place, copy-on-write: the shard's pruned matrices are what this costs in memory.
+    model = model_from_state_dict(tensors)
+    for name, sparsity in sparsities.items():
+        achieved.update(prune_model(model, {name: sparsity}))
+        release_freed_memory()  # the sort's buffers, before the next matrix
     atomic_write(target, lambda tmp: _save_torch(container, tmp), label=label)
     return achieved
 

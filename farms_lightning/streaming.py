@@ -15,7 +15,9 @@ freed tensors are reused, so two tensors read at different times may share one.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +146,25 @@ def _shard_keys(checkpoint: Checkpoint, shard: str) -> list[str]:
     return list(files[shard][0]) if shard in files else list(checkpoint.weights.state_dict)
 
 
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the system after a shard or group.
+
+    glibc keeps freed blocks of the sort and read buffers in its heap, so without this the
+    resident memory grows with the number of shards even though nothing is kept.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def select(checkpoint: Checkpoint, layer_types: Any, include: Any, exclude: Any) -> list[LayerMatrix]:
     """The matrices chosen by the filters (``ValueError`` for a bad filter; exit 4 when none)."""
     model = model_from_state_dict(checkpoint.weights.state_dict)
@@ -206,6 +227,7 @@ def analyze_stream(checkpoint: Checkpoint, layers: list[LayerMatrix], settings: 
                 options.progress(layers[i])
         analysed += len(group)
         group, size = [], 0
+        release_freed_memory()
 
     with torch.no_grad():
         for key, tensor in read_tensors(checkpoint, list(todo)):
