@@ -26,6 +26,7 @@ from torch import nn
 
 from farms_lightning import analyze
 from farms_lightning.state_dict import model_from_state_dict
+from farms_lightning.threads import single_threaded_ops
 from farms_lightning.windows import farms_grid
 
 # --------------------------------------------------------------------------------------------- models
@@ -207,6 +208,31 @@ def training_step(model: nn.Module, batch: Callable[[], tuple], loss_fn: Callabl
     return step
 
 
+def whole_matrix_rows(add: Callable[..., None], r: int) -> None:
+    """Rows for the exact whole-matrix lambda_max against the FARMS analysis of the same matrix."""
+    # Whole-matrix metrics: the exact lambda_max of one 768x3072 matrix (trained-like Student-t, and
+    # Gaussian like GPT-2's init: the slow case, small top gap) against the FARMS analysis (cv preset)
+    # of the same matrix, which includes it. The Δ column holds lambda_max's relative error here.
+    from farms_lightning.matrix_metrics import lambda_max
+
+    torch.manual_seed(0)
+    for kind, w in [("Student-t(3)", torch.distributions.StudentT(3.0).sample((768, 3072)) / 3072 ** 0.5),
+                    ("Gaussian N(0, 0.02)", torch.randn(768, 3072) * 0.02)]:
+        layer = nn.Linear(3072, 768, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        with single_threaded_ops():  # one intra-op thread, as inside analyze
+            exact = torch.linalg.svdvals(w.double())[0].item() ** 2
+            t_lmax, mb_lmax, top = measure(lambda: lambda_max(w), r)
+            t_eig, mb_eig, top_eig = measure(lambda: torch.linalg.eigvalsh(w.double() @ w.double().T)[-1].item(), r)
+        t_farms, mb, _ = measure(lambda: analyze(layer), r)
+        add(f"768x3072 {kind}: FARMS analyze, cv preset (whole-matrix metrics included)", t_farms, mb)
+        add(f"768x3072 {kind}: exact lambda_max alone, Lanczos (speed-up: analyze time / this)", t_lmax, mb_lmax,
+            t_farms, abs(top - exact) / exact)
+        add(f"768x3072 {kind}: exact lambda_max alone, float64 Gram + eigvalsh", t_eig, mb_eig, t_farms,
+            abs(top_eig - exact) / exact)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -214,6 +240,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="skip the slow published ks loop and MiniLM training")
+    parser.add_argument("--only", choices=["whole-matrix"], help="run only these rows")
     parser.add_argument("--llm", action="store_true", help="add the LLaMA-7B block rows (minutes on CPU)")
     parser.add_argument("--llm-device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--stream-gb", type=float, default=0.0, help="add the streaming memory rows at this size")
@@ -228,6 +255,10 @@ def main() -> None:
         print(f"  {name:<70} {seconds:8.3f} s", flush=True)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    if args.only == "whole-matrix":
+        whole_matrix_rows(add, r)
+        print_table(rows)
+        return
     if not args.llm_only:
         model_rows(args, r, add)
     if args.llm or args.stream_gb:
@@ -240,13 +271,7 @@ def main() -> None:
             llama_block_rows(args.llm_device, args.tiny, lambda name, s, mb: add(name, s, mb), measure)
         if args.stream_gb:
             streaming_rows(args.stream_gb, lambda name, s, mb: add(name, s, mb), args.tiny)
-    print("\n| work | seconds | speed-up vs baseline | max rel. Δalpha vs float64 | extra MB |")
-    print("|---|---:|---:|---:|---:|")
-    for name, seconds, ratio, dalpha, mb in rows:
-        ratio_s = "" if ratio is None else f"{ratio:.2f}x"
-        dalpha_s = "" if math.isnan(dalpha) else f"{dalpha:.1e}"
-        mb_s = "" if math.isnan(mb) else f"{mb:.0f}"
-        print(f"| {name} | {seconds:.3f} | {ratio_s} | {dalpha_s} | {mb_s} |")
+    print_table(rows)
 
 
 def model_rows(args: argparse.Namespace, r: int, add: Callable[..., None]) -> None:
@@ -304,6 +329,8 @@ def model_rows(args: argparse.Namespace, r: int, add: Callable[..., None]) -> No
         add("GPT-2 full ESD ks: farms_lightning analyze (WeightWatcher not installed)", t_ours, mb,
             dalpha=max_rel_diff(alphas(rep), ref))
 
+    whole_matrix_rows(add, r)
+
     # ks at 200,000 values: 2,000 windows 100x100 of a Student-t(4) matrix.
     g = torch.Generator().manual_seed(0)
     heavy = torch.distributions.StudentT(4.0).sample((100, 200_000)) / 100
@@ -340,6 +367,16 @@ def model_rows(args: argparse.Namespace, r: int, add: Callable[..., None]) -> No
             step = training_step(bert, lambda: (tokens,), lambda m, b: m(input_ids=b[0]).last_hidden_state.pow(2).mean())
             t, mb, _ = measure(step, r)
             add("all-MiniLM-L6-v2: one training step, batch 128, sequence 128", t, mb)
+
+
+def print_table(rows: list[tuple[str, float, float | None, float, float]]) -> None:
+    print("\n| work | seconds | speed-up vs baseline | max rel. Δalpha vs float64 | extra MB |")
+    print("|---|---:|---:|---:|---:|")
+    for name, seconds, ratio, dalpha, mb in rows:
+        ratio_s = "" if ratio is None else f"{ratio:.2f}x"
+        dalpha_s = "" if math.isnan(dalpha) else f"{dalpha:.1e}"
+        mb_s = "" if math.isnan(mb) else f"{mb:.0f}"
+        print(f"| {name} | {seconds:.3f} | {ratio_s} | {dalpha_s} | {mb_s} |")
 
 
 if __name__ == "__main__":

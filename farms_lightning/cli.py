@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import difflib
 import io
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator, NoReturn, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -44,6 +42,7 @@ from farms_lightning.cli_distributed import (
 )
 from farms_lightning.distributed import distributed_context
 from farms_lightning.layers import LAYER_TYPES, LayerMatrix
+from farms_lightning.cli_parsing import Parser, UsageError, name_subcommands, parse_arguments
 from farms_lightning.pruning import alpha_sparsity, uniform_sparsity
 from farms_lightning.report import FARMSReport
 from farms_lightning.stats_cache import StatsCache
@@ -64,6 +63,7 @@ from farms_lightning.safe_io import (
     CLIError,
     check_output,
     shown,
+    write_stdout,
     write_text,
 )
 
@@ -72,24 +72,7 @@ __all__ = ["EXIT_INPUT", "EXIT_OUTPUT", "EXIT_USAGE", "main", "build_parser"]
 EXIT_OK, EXIT_INTERNAL, EXIT_EMPTY = 0, 1, 4  # EXIT_USAGE 2, EXIT_INPUT 3, EXIT_OUTPUT 5: safe_io
 FORMATS = ("table", "csv", "json", "markdown")
 SUFFIX_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown", ".markdown": "markdown"}
-#: Options that take several values: a PATH typed after them is read as one of their values.
-LIST_OPTIONS = ("--include", "--exclude", "--layer-types")
 DESCRIPTION = "Analyse or prune saved weights (checkpoints, state dicts, safetensors) without the model's code."
-
-
-class UsageError(Exception):
-    """A command-line usage error of the (sub)command ``prog``: one line, exit code 2."""
-
-    def __init__(self, prog: str, message: str) -> None:
-        super().__init__(message)
-        self.prog = prog
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but an error is raised (and printed by :func:`main` as one line), not a usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(self.prog, message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -122,52 +105,17 @@ def _print_error(prog: str, message: str, hint: bool) -> None:
     print(f"{prog}: error: {message}" + (f" (see {prog} --help)" if hint else ""), file=sys.stderr)
 
 
-def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv``; a usage error names the subcommand, suggests a near option, or says how to fix it.
-
-    Raises:
-        UsageError: any usage error (exit code 2).
-    """
-    try:
-        args, extra = parser.parse_known_args(argv)
-    except UsageError as error:
-        moved = _path_after_list_option(argv) if "required: PATH" in str(error) else None
-        if moved:
-            option, path = moved
-            raise UsageError(error.prog, f"PATH is missing: {path!r} was read as a value of {option}, which "
-                                         f"takes several; put PATH first: {error.prog} {path} {option} ...") from None
-        raise
-    if extra:
-        known = [s for action in args.parser._actions for s in action.option_strings]
-        word = extra[0].split("=")[0]
-        close = [c for c in difflib.get_close_matches(word, known, n=1) if c != word] if word.startswith("-") else []
-        raise UsageError(args.parser.prog, f"unrecognized arguments: {' '.join(extra)}"
-                                           + (f" (did you mean {close[0]}?)" if close else ""))
-    return args
-
-
-def _path_after_list_option(argv: list[str]) -> tuple[str, str] | None:
-    """``(option, path)`` when the last argument is an existing path typed as a value of a list option."""
-    options = [a.split("=")[0] for a in argv if a.startswith("-")]
-    if not argv or argv[-1].startswith("-") or not options or options[-1] not in LIST_OPTIONS:
-        return None
-    try:
-        return (options[-1], argv[-1]) if os.path.exists(argv[-1]) else None
-    except (OSError, ValueError):
-        return None
-
-
 def build_parser() -> argparse.ArgumentParser:
     epilog = "exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 nothing to analyse, 5 output not writable"
-    parser = _Parser(prog="farms-lightning", description=DESCRIPTION, epilog=epilog)
-    commands = parser.add_subparsers(required=True, metavar="{analyze,prune}")
+    parser = Parser(prog="farms-lightning", description=DESCRIPTION, epilog=epilog)
+    commands = parser.add_subparsers(required=True, dest="subcommand")
     usage = "%(prog)s PATH [options]"  # PATH first: --include/--exclude/--layer-types take several values
     analyze_cmd = commands.add_parser("analyze", help="FARMS alphas of every weight matrix", usage=usage)
     _add_input(analyze_cmd)
     _add_engine(analyze_cmd, preset="cv")
     analyze_cmd.add_argument("--format", choices=FORMATS, help="default: from --output's suffix, else table")
     analyze_cmd.add_argument("--output", "-o", type=Path, help="write the report here (default: stdout)")
-    analyze_cmd.set_defaults(command=run_analyze, parser=analyze_cmd)
+    analyze_cmd.set_defaults(command=run_analyze)
 
     prune_cmd = commands.add_parser("prune", help="write a pruned copy of the weights, in the same format",
                                     usage=usage)
@@ -183,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune_cmd.add_argument("--output", "-o", type=Path, required=True, help="the pruned copy (a folder for a folder)")
     prune_cmd.add_argument("--format", choices=FORMATS, default="table", help="format of the per-layer report")
     _add_engine(prune_cmd, preset="llm")
-    prune_cmd.set_defaults(command=run_prune, parser=prune_cmd)
+    prune_cmd.set_defaults(command=run_prune)
+    name_subcommands(commands)  # after every add_parser: errors name the subcommand
     return parser
 
 
@@ -237,7 +186,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         report.to_rows(), fmt, table.rsplit("\n", 1)[-1], title,  # the table's last line is the summary
         {"file": shown(checkpoint.path), "settings": report.settings, "summary": report.summary})
     if args.output is None:
-        sys.stdout.write(text)
+        write_stdout(text)
     else:
         write_text(args.output, text)
     return EXIT_OK
@@ -313,7 +262,7 @@ def run_prune(args: argparse.Namespace) -> int:
                f"sparsity {mean:.4f} (target {args.sparsity}); wrote {shown(out)}")
     meta = {"method": "magnitude", "allocation": args.allocation, "sparsity": args.sparsity, "achieved": mean,
             "output": shown(out)}
-    print(format_rows(rows, args.format, summary, f"{shown(args.path)}: pruning {len(rows)} matrices", meta), end="")
+    write_stdout(format_rows(rows, args.format, summary, f"{shown(args.path)}: pruning {len(rows)} matrices", meta))
     return EXIT_OK
 
 

@@ -7,12 +7,14 @@ operation, not in one global handler, keeps the codes right where reads and writ
 
 Every output goes through :func:`atomic_write` (a temporary file in the target's folder, flushed and
 fsynced, then renamed over the target: a failure leaves the previous file intact and no temporary file
-behind) or :func:`atomic_folder` (a folder built beside the target and renamed into place at the end).
-:func:`check_output` refuses, before any work, an output that would land on one of the inputs.
+behind) or :func:`atomic_folder` (a folder built beside the target and renamed into place at the end;
+its steps :func:`new_folder_beside`, :func:`commit_folder` and :func:`discard` can be called apart).
+:func:`check_output` refuses, before any work, an output that would land on one of the inputs or that
+cannot be made (:func:`refuse_over_inputs` is the overlap rule alone); :func:`write_stdout` prints.
 
-Example::
+Example (a command that writes a figure)::
 
-    check_output(out, inputs=[path], reads=weights.sources)       # exit 2 if out is (in) an input
+    check_output(out, [args.path], weights.sources, report=True)   # exit 2 if out is an input
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))  # exit 5 on failure, old file kept
 """
 
@@ -25,6 +27,7 @@ import re
 import secrets
 import shutil
 import stat
+import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -100,7 +103,7 @@ def output_errors(path: Path | str) -> Iterator[None]:
 
 
 def check_output(output: Path, inputs: Sequence[Path], reads: Sequence[Path] = (), *, folder: bool = False,
-                 report: bool = False, reuse: bool = False) -> None:
+                 report: bool = False) -> None:
     """Refuse, before any work, an output that would write over an input, or that cannot be made.
 
     Args:
@@ -110,15 +113,34 @@ def check_output(output: Path, inputs: Sequence[Path], reads: Sequence[Path] = (
         folder: the output is a folder; it must not exist, or be an empty folder.
         report: a report may lie inside an input folder (``analyze dir -o dir/report.json``),
             though never on a file that is read; other outputs may not.
-        reuse: (with ``folder``) an existing folder is written into, file by file (a cache).
 
     Raises:
         CLIError: exit 2 for an output that is, links to or lies inside an input (or holds one) or
             has the wrong kind; exit 5 when its folder does not exist or cannot be examined.
     """
+    refuse_over_inputs(output, inputs, reads, folder=folder, report=report)
+    with output_errors(output):
+        target = Path(os.path.realpath(output))
+        exists = os.path.lexists(output)
+        if not os.path.isdir(target.parent):
+            raise CLIError(f"cannot write {shown(output)}: the folder {shown(target.parent)} does not exist",
+                           EXIT_OUTPUT)
+        if folder and exists and not (os.path.isdir(target) and not os.listdir(target)):
+            raise CLIError(f"--output {shown(output)} already exists: the output folder must be new or empty "
+                           f"(nothing in an existing folder is replaced)", EXIT_USAGE, help_hint=False)
+        if not folder and os.path.isdir(target):
+            raise CLIError(f"--output {shown(output)} is a folder; give a file name", EXIT_USAGE, help_hint=False)
+
+
+def refuse_over_inputs(output: Path, inputs: Sequence[Path], reads: Sequence[Path] = (), *, folder: bool = False,
+                       report: bool = False) -> None:
+    """The overlap rule of :func:`check_output` alone (e.g. for a cache folder that may exist already).
+
+    Raises:
+        CLIError: exit 2 when ``output`` is, links to or lies inside an input, or (``folder``) holds one.
+    """
     with output_errors(output):
         target = Path(os.path.realpath(output))  # follows symlinks, also of the output itself
-        exists = os.path.lexists(output)
         for source in inputs:
             real = Path(os.path.realpath(source))
             if real == target:
@@ -127,20 +149,10 @@ def check_output(output: Path, inputs: Sequence[Path], reads: Sequence[Path] = (
                 _refuse(output, f"lies inside the input folder {shown(source)}")
             if folder and target in real.parents:
                 _refuse(output, f"holds the input {shown(source)}")
-        if exists and os.path.exists(output):
+        if os.path.exists(output):
             for source in reads:
                 if os.path.samefile(output, source):  # the same file by another name: a link, a hard link
                     _refuse(output, f"is the same file as the input {shown(source)}")
-        if not os.path.isdir(target.parent):
-            raise CLIError(f"cannot write {shown(output)}: the folder {shown(target.parent)} does not exist",
-                           EXIT_OUTPUT)
-        if folder and reuse and exists and not os.path.isdir(target):
-            raise CLIError(f"{shown(output)} exists and is not a folder", EXIT_USAGE, help_hint=False)
-        if folder and not reuse and exists and not (os.path.isdir(target) and not os.listdir(target)):
-            raise CLIError(f"--output {shown(output)} already exists: the output folder must be new or empty "
-                           f"(nothing in an existing folder is replaced)", EXIT_USAGE, help_hint=False)
-        if not folder and os.path.isdir(target):
-            raise CLIError(f"--output {shown(output)} is a folder; give a file name", EXIT_USAGE, help_hint=False)
 
 
 def _refuse(output: Path, why: str) -> None:
@@ -162,15 +174,15 @@ def atomic_write(target: Path, write: Callable[[Path], object], *, label: Path |
         final = Path(os.path.realpath(target))
         tmp = _create_temp(final.parent, final.suffix)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.chmod(tmp, stat.S_IMODE(os.stat(final).st_mode))
             write(tmp)
+            with contextlib.suppress(FileNotFoundError):  # after writing: the old mode may be read-only
+                os.chmod(tmp, stat.S_IMODE(os.stat(final).st_mode))
             _fsync(tmp)
             os.replace(tmp, final)
         except BaseException:
             _remove(tmp)
             raise
-        _fsync(final.parent)
+        _sync_folder(final.parent)
 
 
 def write_text(target: Path, text: str) -> None:
@@ -178,27 +190,58 @@ def write_text(target: Path, text: str) -> None:
     atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def write_stdout(text: str) -> None:
+    """Print ``text``; a closed pipe (``... | head``) or a full disk behind a redirection exits 5."""
+    try:
+        with output_errors("the standard output"):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    except CLIError:
+        # Nothing more can reach the reader: send what is left in the buffer nowhere, so that
+        # Python's own flush at exit does not fail again with a traceback.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise
+
+
 @contextlib.contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
     """A new folder beside ``target`` to fill; renamed to ``target`` at the end, removed on any failure.
 
-    ``target`` must not exist or be an empty folder (see :func:`check_output`).
+    ``target`` must not exist or be an empty folder (see :func:`check_output`). Built from
+    :func:`new_folder_beside`, :func:`commit_folder` and :func:`discard`, for callers that must
+    split the steps (e.g. several processes filling one folder, one of them renaming it).
 
     Raises:
         CLIError: exit 5 when the folder cannot be made or renamed into place.
     """
-    with output_errors(target):
-        final = Path(os.path.realpath(target))
-        tmp = _create_temp(final.parent, "", folder=True)
+    tmp = new_folder_beside(target)
     try:
         yield tmp
-        with output_errors(target):
-            _fsync(tmp)
-            os.replace(tmp, final)  # replaces an empty folder; a non-empty one is an error (ENOTEMPTY)
-            _fsync(final.parent)
+        commit_folder(tmp, target)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
+
+
+def new_folder_beside(target: Path) -> Path:
+    """A new empty temporary folder in ``target``'s folder (same file system: the rename is atomic)."""
+    with output_errors(target):
+        return _create_temp(Path(os.path.realpath(target)).parent, "", folder=True)
+
+
+def commit_folder(tmp: Path, target: Path) -> None:
+    """Rename the filled folder ``tmp`` to ``target`` (an empty folder there is replaced; exit 5 else)."""
+    with output_errors(target):
+        final = Path(os.path.realpath(target))
+        _sync_folder(tmp)
+        os.replace(tmp, final)  # replaces an empty folder; a non-empty one is an error (ENOTEMPTY)
+        _sync_folder(final.parent)
+
+
+def discard(tmp: Path) -> None:
+    """Remove a temporary file or folder, quietly (it is being given up after another error)."""
+    _remove(tmp)
 
 
 def copy_into(source: Path, destination: Path, *, label: Path | None = None) -> None:
@@ -222,6 +265,9 @@ def copy_into(source: Path, destination: Path, *, label: Path | None = None) -> 
                     break
                 with output_errors(label or destination):
                     writer.write(chunk)
+            with output_errors(label or destination):
+                writer.flush()
+                os.fsync(writer.fileno())
     with output_errors(label or destination):
         shutil.copystat(source, destination)
 
@@ -243,15 +289,19 @@ def _create_temp(parent: Path, suffix: str, *, folder: bool = False) -> Path:
 
 
 def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to the disk."""
+    """Flush a file's data to the disk (a failure here is a failed write)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP):  # some file systems cannot sync folders
-            raise
     finally:
         os.close(fd)
+
+
+def _sync_folder(path: Path) -> None:
+    """Flush a folder's entries (the rename) to the disk, where the system allows it (best effort:
+    some file systems refuse, and a folder without read permission cannot be opened)."""
+    with contextlib.suppress(OSError):
+        _fsync(path)
 
 
 def _remove(path: Path) -> None:

@@ -21,8 +21,18 @@ import torch
 
 from farms_lightning.layers import LayerMatrix
 from farms_lightning.report import LayerStats
-from farms_lightning.safe_io import check_output, output_errors, write_text
+from farms_lightning.safe_io import (
+    EXIT_OUTPUT,
+    EXIT_USAGE,
+    CLIError,
+    output_errors,
+    refuse_over_inputs,
+    shown,
+    write_text,
+)
 
+#: Part of every key: raise it when a change alters the statistics without a new release.
+CACHE_FORMAT = 1
 #: Failures that depend on the run (memory, device), not on the weights: never cached.
 TRANSIENT = ("analysis error", "eigenvalue error")
 
@@ -38,8 +48,13 @@ class StatsCache:
     @classmethod
     def open(cls, folder: Path, inputs: Sequence[Path], reads: Sequence[Path]) -> StatsCache:
         """Check (never inside or over an input: exit 2) and create the folder (exit 5 if it cannot be)."""
-        check_output(folder, inputs, reads, folder=True, reuse=True)
+        refuse_over_inputs(folder, inputs, reads, folder=True)
         with output_errors(folder):
+            if os.path.lexists(folder) and not os.path.isdir(folder):
+                raise CLIError(f"--cache {shown(folder)} exists and is not a folder", EXIT_USAGE, help_hint=False)
+            if not os.path.isdir(os.path.dirname(os.path.realpath(folder))):
+                raise CLIError(f"cannot write {shown(folder)}: the folder {shown(folder.parent)} does not exist",
+                               EXIT_OUTPUT)
             os.makedirs(folder, exist_ok=True)
         return cls(folder)
 
@@ -47,7 +62,7 @@ class StatsCache:
         from farms_lightning import __version__
 
         digest = hashlib.sha256()
-        described = {"version": __version__, "settings": settings, "device": device.type, "kind": layer.kind,
+        described = {"version": __version__, "format": CACHE_FORMAT, "settings": settings, "device": device.type, "kind": layer.kind,
                      "type": layer.module_type, "dtype": str(tensor.dtype), "shape": list(tensor.shape)}
         digest.update(json.dumps(described, sort_keys=True, default=str).encode())
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)

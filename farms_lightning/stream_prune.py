@@ -14,7 +14,6 @@ On a failure anywhere the temporary folder is removed: nothing is left behind.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -23,12 +22,12 @@ from farms_lightning.cli_distributed import broadcast, gather, together
 from farms_lightning.distributed import distributed_context
 from farms_lightning.pruners import prune_model
 from farms_lightning.safe_io import (
-    _create_temp,
-    _fsync,
     atomic_write,
+    commit_folder,
     copy_into,
+    discard,
     input_errors,
-    output_errors,
+    new_folder_beside,
 )
 from farms_lightning.safetensors_file import SafetensorsFile, save_safetensors
 from farms_lightning.state_dict import model_from_state_dict
@@ -52,7 +51,7 @@ def prune_stream(checkpoint: Checkpoint, sparsities: dict[str, float], out: Path
         achieved = together(lambda: _write_file(checkpoint, shard, by_shard.get(shard, {}), out) if rank == 0 else {})
         return broadcast(achieved)
     mine = [s for s, r in zip(checkpoint.shards(), _assign(checkpoint)) if r == rank]
-    tmp = broadcast(together(lambda: _make_folder(out) if rank == 0 else None))
+    tmp = broadcast(together(lambda: new_folder_beside(out) if rank == 0 else None))
     try:
         def write_mine() -> dict[str, float]:
             if rank == 0:
@@ -64,10 +63,10 @@ def prune_stream(checkpoint: Checkpoint, sparsities: dict[str, float], out: Path
             return done
 
         parts = gather(together(write_mine))
-        together(lambda: _rename(tmp, out) if rank == 0 else None)
+        together(lambda: commit_folder(tmp, out) if rank == 0 else None)
     except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:  # every rank has stopped writing: together() ends behind a barrier
+            discard(tmp)
         raise
     merged = {name: value for part in parts for name, value in part.items()}
     return {name: merged[name] for name in sparsities if name in merged}
@@ -121,12 +120,6 @@ def _write_file(checkpoint: Checkpoint, shard: str, sparsities: dict[str, float]
     return achieved
 
 
-def _make_folder(out: Path) -> Path:
-    with output_errors(out):
-        final = Path(os.path.realpath(out))
-        return _create_temp(final.parent, "", folder=True)
-
-
 def _copy_others(checkpoint: Checkpoint, folder: Path, out: Path) -> None:
     """Config, tokenizer, index, sub-folders: copied, so the pruned folder is usable as it is."""
     path = checkpoint.path
@@ -134,12 +127,4 @@ def _copy_others(checkpoint: Checkpoint, folder: Path, out: Path) -> None:
         others = sorted(p for p in path.iterdir() if p.name not in checkpoint.weights.files)
     for other in others:
         copy_into(other, folder / other.name, label=out / other.name)
-
-
-def _rename(tmp: Path, out: Path) -> None:
-    with output_errors(out):
-        final = Path(os.path.realpath(out))
-        _fsync(tmp)
-        os.replace(tmp, final)  # replaces an empty folder; a non-empty one is an error (ENOTEMPTY)
-        _fsync(final.parent)
 

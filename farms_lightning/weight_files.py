@@ -26,6 +26,7 @@ import torch
 from farms_lightning.safe_io import (
     EXIT_INPUT,
     EXIT_OUTPUT,
+    TEMP_PREFIX,
     CLIError,
     atomic_folder,
     atomic_write,
@@ -110,7 +111,8 @@ def _add_aliases(weights: Weights, tensors: dict[str, torch.Tensor], metadata: d
 def _load_folder(path: Path, trust_pickle: bool, lazy: bool = False) -> Weights:
     """A sharded model: every key from exactly one shard (exit 3 for a key in two, or against the index)."""
     with input_errors(path):
-        entries = sorted(path.iterdir())
+        # A temporary file left by a killed run (their names start with TEMP_PREFIX) is no shard.
+        entries = sorted(p for p in path.iterdir() if not p.name.startswith(TEMP_PREFIX))
         safetensors = [p for p in entries if p.suffix == ".safetensors" and p.is_file()]
         torch_files = [p for p in entries if p.suffix in TORCH_SUFFIXES and p.is_file()]
     if not safetensors and not torch_files:
@@ -274,7 +276,8 @@ def save_weights(weights: Weights, out: Path) -> None:
         return
     with atomic_folder(out) as folder:
         with input_errors(weights.path):
-            others = sorted(p for p in weights.path.iterdir() if p.name not in weights.files)
+            others = sorted(p for p in weights.path.iterdir()
+                            if p.name not in weights.files and not p.name.startswith(TEMP_PREFIX))
         for other in others:  # config, tokenizer, index, sub-folders: keep the copy usable
             copy_into(other, folder / other.name, label=out / other.name)
         for name, (keys, metadata) in weights.files.items():

@@ -111,6 +111,12 @@ def test_a_report_inside_an_input_folder_is_fine(inputs, capsys):
     assert code == 0 and json.loads((inputs / "shards" / "report.json").read_text())["summary"]["num_layers"] == 2
 
 
+def test_temporary_files_of_a_killed_run_are_ignored(inputs, capsys):
+    (inputs / "shards" / f"{TEMP_PREFIX}dead.safetensors").write_bytes(b"half a shard")
+    assert run(prune_argv(inputs / "shards", inputs / "out"), capsys)[0] == 0
+    assert sorted(os.listdir(inputs / "out")) == ["config.json", "model-1.safetensors", "model-2.safetensors"]
+
+
 @pytest.mark.parametrize("argv,code,message", [
     (prune_argv("shards", "existing"), 2, "must be new or empty"),
     (prune_argv("sd.pt", "existing"), 2, "is a folder"),
@@ -364,6 +370,8 @@ def test_torch_shards_with_an_index_and_a_training_arguments_file(inputs, capsys
      "did you mean --epsilon?"),
     (["analyze", "--include", "enc.*", "sd.pt"], "farms-lightning analyze",
      "PATH is missing: 'sd.pt' was read as a value of --include, which takes several; put PATH first"),
+    (["analyze", "--exclude", "head", "sd.pt", "-o", "r.json"], "farms-lightning analyze",
+     "'sd.pt' was read as a value of --exclude"),
     (["analyze", "sd.pt", "--layer-types", ","], "farms-lightning analyze", "--layer-types names no type"),
     (["analyze", "sd.pt", "--fit", "best"], "farms-lightning analyze", "invalid choice: 'best'"),
     (["prune", "sd.pt"], "farms-lightning prune", "required: --sparsity"),
@@ -425,3 +433,20 @@ def test_check_output_needs_an_existing_folder(tmp_path):
     with pytest.raises(CLIError) as missing:
         check_output(tmp_path / "no" / "out.json", [tmp_path / "in.pt"])
     assert missing.value.code == 5 and "does not exist" in str(missing.value)
+
+
+def test_a_closed_standard_output_is_an_output_error(inputs, capsys, monkeypatch):
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            raise ValueError("no file descriptor")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    code = main(["analyze", str(inputs / "sd.pt")])
+    assert code == 5 and capsys.readouterr().err == \
+        "farms-lightning analyze: error: cannot write the standard output: Broken pipe\n"
