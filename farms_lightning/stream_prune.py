@@ -22,6 +22,7 @@ from farms_lightning.cli_distributed import broadcast, gather, together
 from farms_lightning.distributed import distributed_context
 from farms_lightning.pruners import prune_model
 from farms_lightning.safe_io import (
+    TEMP_PREFIX,
     atomic_write,
     commit_folder,
     copy_into,
@@ -124,7 +125,8 @@ def _copy_others(checkpoint: Checkpoint, folder: Path, out: Path) -> None:
     """Config, tokenizer, index, sub-folders: copied, so the pruned folder is usable as it is."""
     path = checkpoint.path
     with input_errors(path):
-        others = sorted(p for p in path.iterdir() if p.name not in checkpoint.weights.files)
+        others = sorted(p for p in path.iterdir()  # a killed run's temporary files are not copied
+                        if p.name not in checkpoint.weights.files and not p.name.startswith(TEMP_PREFIX))
     for other in others:
         copy_into(other, folder / other.name, label=out / other.name)
 
