@@ -24,6 +24,8 @@ from farms_lightning.distributed import distributed_context
 from farms_lightning.safe_io import EXIT_USAGE, CLIError
 
 T = TypeVar("T")
+#: Environment variable naming the default ``--device`` (e.g. ``cpu`` on a shared GPU machine).
+DEVICE_VARIABLE = "FARMS_LIGHTNING_DEVICE"
 EXIT_INTERNAL = 1
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -46,10 +48,11 @@ def parse_size(text: str) -> int:
 
 
 def resolve_device(text: str | None) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` (default: cuda when available); under torchrun ``cuda`` is the
-    rank's local GPU. A CUDA device without CUDA is a usage error (exit 2)."""
+    """``cpu``, ``cuda`` or ``cuda:N``; under torchrun ``cuda`` is the rank's local GPU. A CUDA
+    device without CUDA is a usage error (exit 2). Default: the ``FARMS_LIGHTNING_DEVICE``
+    environment variable, else cuda when available."""
     if text is None:
-        text = "cuda" if torch.cuda.is_available() else "cpu"
+        text = os.environ.get(DEVICE_VARIABLE) or ("cuda" if torch.cuda.is_available() else "cpu")
     match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", text)
     if match is None or (match.group(1) == "cpu" and match.group(2)):
         raise CLIError(f"--device must be cpu, cuda or cuda:N, got {text!r}", EXIT_USAGE)
