@@ -32,7 +32,6 @@ import torch
 
 from farms_lightning.analysis import PRESETS, resolve_settings
 from farms_lightning.cli_distributed import (
-    RankFailed,
     group_budget,
     parse_size,
     print_error,
@@ -94,8 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(done.code or 0)
     try:
         with process_group(args.device):
-            return args.command(args)
-    except CLIError as error:
+            try:
+                return args.command(args)
+            except CLIError as error:  # printed inside the process group: the line names the rank
+                print_error(args.parser.prog, error)
+                return error.code
+    except CLIError as error:  # joining the process group failed (e.g. --device cuda without CUDA)
         print_error(args.parser.prog, error)
         return error.code
 

@@ -113,7 +113,7 @@ def torchrun(argv: list, tmp_path: Path, script: str | None = None) -> subproces
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     target = ["-m", "farms_lightning.cli"] if script is None else [script]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                *target, *map(str, argv)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
@@ -131,7 +131,7 @@ def test_torchrun_two_ranks_give_one_process_outputs(tmp_path, capsys):
     assert (one["settings"].pop("world_size"), two["settings"].pop("world_size")) == (1, 2)
     assert one == two  # everything else identical, device included (both on the CPU)
     for kind in ("safetensors", "torch"):
-        assert main(["prune", str(tmp_path / kind), "--sparsity", 0.5, "--preset", "cv", "-o",
+        assert main(["prune", str(tmp_path / kind), "--sparsity", "0.5", "--preset", "cv", "-o",
                      str(tmp_path / f"{kind}_one")]) == 0
         done = torchrun(["prune", tmp_path / kind, "--sparsity", 0.5, "--preset", "cv", "-o", tmp_path / f"{kind}_two"],
                         tmp_path)
