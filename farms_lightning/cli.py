@@ -144,9 +144,9 @@ def _add_input(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--trust-pickle", action="store_true",
                      help="load torch files with weights_only=False (runs pickled code: only for trusted files)")
     cmd.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
-    run = cmd.add_argument_group("where and how it runs (never changes the results)")
-    run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available); under torchrun, "
-                                      "cuda is each rank's local GPU")
+    run = cmd.add_argument_group("where and how it runs")
+    run.add_argument("--device", help="cpu, cuda or cuda:N (default: $FARMS_LIGHTNING_DEVICE, else cuda when "
+                                      "available); under torchrun, cuda is each rank's local GPU")
     run.add_argument("--max-memory", type=_size, metavar="SIZE",
                      help="bound on the analysis working set on the device, e.g. 8GiB (default on a GPU: 90%% "
                           "of its free memory)")
