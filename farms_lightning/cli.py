@@ -116,6 +116,8 @@ def _add_engine(cmd: argparse.ArgumentParser, preset: str) -> None:
                         help=f"among {', '.join(LAYER_TYPES)} (commas allowed)")
     engine.add_argument("--min-eigenvalues", type=int, default=10)
     engine.add_argument("--peak-bound", choices=("reference", "corrected"), default="reference")
+    engine.add_argument("--no-split-qkv", dest="split_qkv", action="store_false",
+                        help="analyse fused q/k/v projections (qkv, c_attn, in_proj_weight) whole, not as .q/.k/.v")
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -161,9 +163,10 @@ def run_prune(args: argparse.Namespace) -> int:
         else:
             sparsities = uniform_sparsity([m.name for m in _selected_layers(weights, args)], args.sparsity)
     model = model_from_state_dict(weights.state_dict)  # shares the tensors: pruning edits them in place
-    achieved = prune_model(model, sparsities, method="magnitude")
+    with _usage_errors():  # e.g. LoRA adapter tensors: "merge first"
+        achieved = prune_model(model, sparsities, method="magnitude", split_qkv=args.split_qkv)
     save_weights(weights, out)
-    layers = {m.name: m for m in discover_layers(model, layer_types=LAYER_TYPES)}
+    layers = {m.name: m for m in discover_layers(model, layer_types=LAYER_TYPES, split_qkv=args.split_qkv)}
     rows: list[dict[str, Any]] = [{"name": name, "shape": list(layers[name].shape), "num_params": layers[name].num_params,
              "alpha": alphas.get(name), "target": sparsities[name], "achieved": achieved.get(name)}
             for name in sparsities if name in achieved]
@@ -189,7 +192,7 @@ def _selected_layers(weights: Weights, args: argparse.Namespace) -> list[LayerMa
                        f"whose key ends in 'weight')", EXIT_EMPTY)
     with _usage_errors():
         kinds = [t for v in args.layer_types for t in v.split(",") if t] if args.layer_types else None
-        layers = discover_layers(model, kinds, args.include, args.exclude)
+        layers = discover_layers(model, kinds, args.include, args.exclude, split_qkv=args.split_qkv)
     if not layers:
         raise CLIError(f"no layer of {weights.path} is selected by --include/--exclude/--layer-types", EXIT_EMPTY)
     return layers

@@ -8,7 +8,7 @@ projections (which matrices a fused projection holds) and the PEFT name prefixes
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ def fused_qkv_split(name: str, module: nn.Module, parent: nn.Module | None, out_
     last = name.rsplit(".", 1)[-1]
     if out_features != 3 * in_features:
         return None
-    if last in FUSED_QKV_NAMES:
+    if last in FUSED_QKV_NAMES or getattr(module, "farms_fused_qkv", False):
         return 1, ""
     if last not in HEAD_INTERLEAVED_QKV_NAMES:
         return None
@@ -107,7 +107,7 @@ def lora_reader(module: nn.Module, mode: str) -> Reader:
     """
     def read() -> torch.Tensor:
         with torch.no_grad():
-            base = lora_base(module).weight.detach()
+            base: torch.Tensor = lora_base(module).weight.detach()  # type: ignore[operator]
             adapters = lora_adapters(module)
             merged = set(getattr(module, "merged_adapters", []) or [])
             delta = {a: module.get_delta_weight(a).detach().to(base.dtype) for a in adapters}  # type: ignore[operator]
@@ -161,10 +161,10 @@ def is_parametrized(module: nn.Module, attribute: str = "weight") -> bool:
 
 def parametrized_original(module: nn.Module, attribute: str = "weight") -> torch.Tensor:
     """The stored tensor behind a parametrized weight (the largest ``original*`` for several)."""
-    plist = module.parametrizations[attribute]  # type: ignore[index]
+    plist: Any = module.parametrizations[attribute]  # type: ignore[index]
     if hasattr(plist, "original"):
         return plist.original  # type: ignore[return-value]
-    originals = [getattr(plist, f"original{i}") for i in range(plist.ntensors)]  # type: ignore[arg-type]
+    originals = [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
     return max(originals, key=lambda t: t.numel())
 
 
@@ -177,7 +177,7 @@ def parametrized_reader(module: nn.Module, attribute: str = "weight") -> Reader:
     only, which leaves alpha unchanged). Training flags and the RNG state are restored.
     """
     def read() -> torch.Tensor:
-        plist = module.parametrizations[attribute]  # type: ignore[index]
+        plist: Any = module.parametrizations[attribute]  # type: ignore[index]
         modes = [(m, m.training) for m in plist.modules()]
         devices = [t.device.index for t in plist.parameters() if t.device.type == "cuda"]
         try:

@@ -6,7 +6,7 @@ import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence, Union
+from typing import Callable, Collection, Iterable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
@@ -126,8 +126,6 @@ class LayerMatrix:
                     "first")
         if self.origin == "quantized":
             return f"layer {self.name!r} holds quantized weights, which cannot be pruned in place"
-        if self.skip_reason and not self.skip_reason.startswith("shares weights with"):
-            return f"layer {self.name!r}: {self.skip_reason}"
         if self.weight.layout != torch.strided:
             return f"layer {self.name!r} has sparse weights ({self.weight.layout}): prune a dense copy"
         if self.weight.is_floating_point() and self.weight.dtype.itemsize == 1:
@@ -245,8 +243,10 @@ def _module_matrices(name: str, module: nn.Module, kind: str, parent: nn.Module 
         weight = stored_weight(module)
         if weight is None:
             return
-        layer = LayerMatrix(name, module_type, kind, weight, module=module,
-                            skip_reason=getattr(module, "farms_skip_reason", ""))
+        # State-dict shells of LoRA adapter tensors carry their reason (see state_dict.py).
+        reason = getattr(module, "farms_skip_reason", "")
+        layer = LayerMatrix(name, module_type, kind, weight, module=module, skip_reason=reason,
+                            origin="lora" if reason else "")
     transposed = kind == "Conv1D"
     groups = getattr(owner, "groups", 1) if layer.is_conv else 1
     layer = dataclasses.replace(layer, transposed=transposed, groups=groups if isinstance(groups, int) else 1)
@@ -330,3 +330,26 @@ def _selected(name: str, includes: Iterable[str], excludes: Iterable[str]) -> bo
     if includes and not any(fnmatch.fnmatchcase(name, p) for p in includes):
         return False
     return not any(fnmatch.fnmatchcase(name, p) for p in excludes)
+
+
+def renamed_layers(names: Iterable[str], current: Collection[str]) -> dict[str, list[str]]:
+    """Names from earlier versions that no longer name a layer -> the layers they became.
+
+    Fused q/k/v projections are now split (``h.0.attn.c_attn`` -> ``h.0.attn.c_attn.q|k|v``) and
+    PEFT names lost ``base_model.model.`` and ``.base_layer``. Names that match nothing either
+    way are left out.
+    """
+    out: dict[str, list[str]] = {}
+    for name in names:
+        if name in current:
+            continue
+        parts = [p for p in name.split(".") if p != "base_layer"]
+        if parts[:2] == ["base_model", "model"]:
+            parts = parts[2:]
+        stripped = ".".join(parts)
+        split = [_join(stripped, p) for p in "qkv"]
+        if all(p in current for p in split):
+            out[name] = split
+        elif stripped != name and stripped in current:
+            out[name] = [stripped]
+    return out
