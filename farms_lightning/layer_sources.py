@@ -131,6 +131,21 @@ def lora_trainable_parameters(module: nn.Module) -> list[torch.Tensor]:
     return [p for p in params if p.requires_grad]
 
 
+def modules_to_save_choice(module: nn.Module) -> tuple[str, list[str]] | None:
+    """For a PEFT ``ModulesToSaveWrapper`` (a trained copy of e.g. a classifier head): the child the
+    forward pass uses and the children it ignores; ``None`` for other modules."""
+    saved = getattr(module, "modules_to_save", None)
+    if not (isinstance(saved, nn.ModuleDict) and isinstance(getattr(module, "original_module", None), nn.Module)):
+        return None
+    active = getattr(module, "active_adapters", None) or []
+    active = [active] if isinstance(active, str) else list(active)
+    disabled = getattr(module, "disable_adapters", False)
+    used = "original_module" if disabled or not active or any(a not in saved for a in active) \
+        else f"modules_to_save.{active[0]}"
+    children = ["original_module"] + [f"modules_to_save.{name}" for name in saved]
+    return used, [c for c in children if c != used]
+
+
 def peft_prefixes(model: nn.Module) -> dict[str, str]:
     """Raw name prefixes added by PEFT wrappers -> what they collapse to.
 

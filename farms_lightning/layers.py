@@ -22,6 +22,7 @@ from farms_lightning.layer_sources import (
     lora_base,
     lora_reader,
     lora_variant_reason,
+    modules_to_save_choice,
     parametrized_original,
     parametrized_reader,
     peft_prefixes,
@@ -148,10 +149,12 @@ def clean_name(raw: str, prefixes: dict[str, str] | None = None) -> str:
     """The user's own module name: PEFT prefixes collapsed (``prefixes``, from
     :func:`~farms_lightning.layer_sources.peft_prefixes`), wrapper components and a leading DDP
     ``module.`` removed."""
-    for prefix in sorted(prefixes or {}, key=len, reverse=True):
-        if raw == prefix or raw.startswith(prefix + "."):
-            raw = (prefixes or {})[prefix] + raw[len(prefix):]
+    ordered = sorted(prefixes or {}, key=len, reverse=True)
+    for _ in range(len(ordered)):  # nested wrappers: collapse the innermost first, then again
+        prefix = next((p for p in ordered if raw == p or raw.startswith(p + ".")), None)
+        if prefix is None:
             break
+        raw = (prefixes or {})[prefix] + raw[len(prefix):]
     parts = [p for p in raw.split(".") if p and p not in WRAPPER_COMPONENTS]
     while parts and parts[0] == "module":
         parts.pop(0)
@@ -294,16 +297,23 @@ def discover_layers(
     validate_discovery_args(split_qkv, lora)
     prefixes = peft_prefixes(model)
     parents: dict[str, nn.Module] = {}
-    inside_lora: list[str] = []
+    ignored: list[str] = []
     embeddings: dict[tuple, str] = {}
     found = []
     for raw_name, module in model.named_modules(remove_duplicate=False):
         parents[raw_name] = module
-        if any(raw_name.startswith(prefix) for prefix in inside_lora):
-            continue  # the base layer and the adapters of a LoRA layer: read through the LoRA layer
+        if any(raw_name.startswith(p) if p.endswith(".") else raw_name == p for p in ignored):
+            continue  # inside a LoRA layer (read through it), or a PEFT copy the forward pass does not use
+        choice = modules_to_save_choice(module)
+        if choice is not None:  # PEFT modules_to_save: the copy in use, under the wrapper's name
+            used, unused = choice
+            prefixes[_join(raw_name, used)] = raw_name
+            ignored.extend(_join(raw_name, name) + "." for name in unused)
+            ignored.extend(_join(raw_name, name) for name in unused)
+            continue
         lora_layer = is_lora_layer(module)
         if lora_layer:
-            inside_lora.append(raw_name + ".")
+            ignored.append(raw_name + ".")
         kind = layer_kind(lora_base(module) if lora_layer else module)
         if kind == "Embedding" and not lora_layer:
             embeddings.setdefault(LayerMatrix("", "", kind, module.weight).identity(), clean_name(raw_name, prefixes))

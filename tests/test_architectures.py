@@ -166,6 +166,25 @@ def test_pruning_callback_and_lr_balancer_follow_renamed_checkpoint_names():
     assert pruning.alphas == {"c_attn.q": 3.0, "c_attn.k": 3.0, "c_attn.v": 3.0, "fc": 2.0}
 
 
+def test_resumed_callbacks_with_old_names_say_so_and_keep_working():
+    from farms_lightning import FARMSCallback, FARMSLRBalancer
+
+    model = nn.Module()
+    model.c_attn = nn.Linear(64, 192)
+    model.fc = nn.Linear(64, 64)
+    callback = FARMSCallback()
+    callback.load_state_dict({"history": [{"stage": "epoch", "epoch": 0, "step": 4, "summary": {},
+                                           "layers": [{"name": "c_attn"}, {"name": "fc"}]}]})
+    with pytest.warns(UserWarning, match="c_attn -> c_attn.q, c_attn.k, c_attn.v"):
+        callback._check_history_names(model)
+    balancer = FARMSLRBalancer()
+    balancer.load_state_dict({"history": [], "lr_factors": {"c_attn": 1.25, "fc": 0.75}})
+    balancer._layer_params = layer_parameters(model)
+    with pytest.warns(UserWarning, match="earlier version"):
+        balancer._follow_renames()
+    assert balancer.lr_factors == {"c_attn.q": 1.25, "c_attn.k": 1.25, "c_attn.v": 1.25, "fc": 0.75}
+
+
 # ----------------------------------------------------------------------------- tied heads
 def test_a_tied_head_follows_the_embeddings_opt_in():
     model = nn.Module()

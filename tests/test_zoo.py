@@ -102,15 +102,21 @@ def test_neox_parts_are_the_heads_rows():
 
 def test_peft_lora_bert_keeps_the_plain_names():
     peft = pytest.importorskip("peft")
-    base = build("bert")
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(
+        transformers.BertConfig(vocab_size=200, max_position_embeddings=64, num_labels=3, **SMALL))
     plain = analyze(base)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    model = peft.get_peft_model(base, config)
     report = analyze(model)
-    assert list(report) == list(plain)  # no base_model.model., no .base_layer, no adapter rows
+    # No base_model.model., no .base_layer, no adapter rows; the classifier is the trained copy
+    # (modules_to_save) under its own name, not two rows.
+    assert list(report) == list(plain) and len(report) == 14
     assert all(s.status == "ok" for s in report.layers)
     # lora_B starts at zero: the effective weight is the base weight.
-    assert report["encoder.layer.0.attention.self.query"].alpha == plain["encoder.layer.0.attention.self.query"].alpha
-    assert report["encoder.layer.0.attention.self.query"].type == "Linear"
+    assert report["bert.encoder.layer.0.attention.self.query"].alpha == \
+        plain["bert.encoder.layer.0.attention.self.query"].alpha
+    assert report["bert.encoder.layer.0.attention.self.query"].type == "Linear"
     assert_no_degenerate_fit(model, report)
 
 
