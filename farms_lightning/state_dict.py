@@ -83,7 +83,7 @@ def _shell(tensor: torch.Tensor, key: str, path: str) -> nn.Module:
         module = conv(shape[1], shape[0], shape[2:], bias=False, device="meta")  # type: ignore[arg-type]
     module.weight = nn.Parameter(tensor.detach(), requires_grad=False)
     if parts[-1] == "in_proj":
-        module.farms_fused_qkv = True  # an nn.MultiheadAttention in-projection: split like the live module
+        setattr(module, "farms_fused_qkv", True)  # an nn.MultiheadAttention in-projection: split like the live module
     if LORA_COMPONENTS & set(parts):
-        module.farms_skip_reason = LORA_KEY_REASON
+        setattr(module, "farms_skip_reason", LORA_KEY_REASON)
     return module
