@@ -207,10 +207,16 @@ def parametrized_reader(module: nn.Module, attribute: str = "weight") -> Reader:
 
 
 # ----------------------------------------------------------------------------- quantized
-def is_quantized_linear(module: nn.Module) -> bool:
-    """``torch.ao.nn.quantized.Linear`` or its dynamic subclass (``quantize_dynamic``): ``weight()`` is a method."""
-    return (type(module).__module__.startswith("torch.ao.nn.quantized") and callable(getattr(module, "weight", None))
-            and hasattr(module, "_packed_params") and "Linear" in type(module).__name__)
+def quantized_kind(module: nn.Module) -> str | None:
+    """``"Linear"``/``"Conv1d"``/... for ``torch.ao.nn.quantized`` modules (static, or dynamic from
+    ``quantize_dynamic``), whose ``weight()`` is a method returning a quantized tensor; else ``None``."""
+    if not (type(module).__module__.startswith("torch.ao.nn.quantized") and callable(getattr(module, "weight", None))):
+        return None
+    name = type(module).__name__
+    for kind in ("Conv1d", "Conv2d", "Conv3d", "Linear"):
+        if name.endswith(kind) and hasattr(module, "_packed_params" if kind == "Linear" else "_weight_bias"):
+            return kind
+    return None
 
 
 def quantized_reader(module: nn.Module) -> Reader:

@@ -17,7 +17,6 @@ from farms_lightning.layer_sources import (
     fused_qkv_split,
     is_lora_layer,
     is_parametrized,
-    is_quantized_linear,
     lora_adapters,
     lora_base,
     lora_reader,
@@ -26,6 +25,7 @@ from farms_lightning.layer_sources import (
     parametrized_original,
     parametrized_reader,
     peft_prefixes,
+    quantized_kind,
     quantized_reader,
 )
 
@@ -197,8 +197,9 @@ def layer_kind(module: nn.Module) -> str | None:
     for cls in (nn.MultiheadAttention, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding):
         if isinstance(module, cls):
             return cls.__name__
-    if is_quantized_linear(module):
-        return "Linear"
+    quantized = quantized_kind(module)
+    if quantized is not None:
+        return quantized
     # GPT-2 style Conv1D: weight stored (in, out) with `nf` output features; no transformers import.
     weight = stored_weight(module)
     nf = getattr(module, "nf", None)
@@ -236,7 +237,7 @@ def _module_matrices(name: str, module: nn.Module, kind: str, parent: nn.Module 
                                                  else "no active LoRA adapter (lora='delta')")
         layer = LayerMatrix(name, module_type, kind, weight, module=module, reader=lora_reader(module, lora),
                             origin="lora", skip_reason=reason)
-    elif is_quantized_linear(module):
+    elif quantized_kind(module) is not None:
         layer = LayerMatrix(name, module_type, kind, module.weight(), module=module,  # type: ignore[operator]
                             reader=quantized_reader(module), origin="quantized")
     elif is_parametrized(module):

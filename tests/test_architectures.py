@@ -212,6 +212,12 @@ def test_dynamic_quantized_linear_is_analysed_from_its_dequantized_weights():
         assert layer_parameters(model)["0"] == []
         with pytest.raises(ValueError, match="quantized"):
             prune_model(model, {"0": 0.5})
+        conv = torch.ao.nn.quantized.Conv2d(32, 64, 3, groups=4)
+        w = _heavy(nn.Conv2d(32, 64, 3, groups=4)).weight.detach()
+        conv.set_weight_bias(torch.quantize_per_tensor(w, float(w.abs().max()) / 127, 0, torch.qint8), None)
+        stats = analyze(conv)[""]
+        expected = ref.grouped_conv_block_eigs(conv.weight().dequantize().numpy(), 4)
+        assert stats.status == "ok" and stats.alpha == pytest.approx(_alpha(expected), rel=1e-9)
 
 
 @pytest.mark.parametrize("form", ["coo", "csr", "float8"])
