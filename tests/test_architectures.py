@@ -357,3 +357,30 @@ def test_state_dict_shells_split_like_live_modules_and_skip_lora_keys():
     assert report["x.query.lora_A"].status == "skipped" and "merge first" in report["x.query.lora_A"].reason
     with pytest.raises(ValueError, match="merge"):
         prune_model(model_from_state_dict(sd), {"x.query.lora_B": 0.5})
+
+
+def test_cli_splits_by_key_and_no_split_qkv_keeps_projections_whole(tmp_path, capsys):
+    import json
+
+    from farms_lightning.cli import main
+
+    torch.manual_seed(0)
+    sd = {"blk.attn.qkv.weight": heavy_tailed(192, 64, seed=1), "h.attn.c_attn.weight": heavy_tailed(64, 192, seed=2),
+          "h.attn.c_proj.weight": heavy_tailed(64, 64, seed=3), "x.query.lora_A.weight": torch.randn(8, 64)}
+    torch.save(sd, tmp_path / "sd.pt")
+    assert main(["analyze", str(tmp_path / "sd.pt"), "--format", "json", "-o", str(tmp_path / "a.json")]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "a.json").read_text())["layers"]}
+    assert sorted(rows) == ["blk.attn.qkv.k", "blk.attn.qkv.q", "blk.attn.qkv.v", "h.attn.c_attn.k", "h.attn.c_attn.q",
+                            "h.attn.c_attn.v", "h.attn.c_proj", "x.query.lora_A"]
+    assert rows["x.query.lora_A"]["status"] == "skipped" and "merge first" in rows["x.query.lora_A"]["reason"]
+    expected = ref.fit(ref.farms_eigs(sd["h.attn.c_attn.weight"].T[64:128].double().numpy()))["alpha"]
+    assert rows["h.attn.c_attn.k"]["alpha"] == pytest.approx(expected, rel=1e-9)
+    assert main(["analyze", str(tmp_path / "sd.pt"), "--no-split-qkv", "--format", "json", "-o",
+                 str(tmp_path / "b.json")]) == 0
+    whole = [r["name"] for r in json.loads((tmp_path / "b.json").read_text())["layers"]]
+    assert whole == ["blk.attn.qkv", "h.attn.c_attn", "h.attn.c_proj", "x.query.lora_A"]
+    code = main(["prune", str(tmp_path / "sd.pt"), "--sparsity", "0.5", "-o", str(tmp_path / "p.pt")])
+    assert code == 2 and "merge" in capsys.readouterr().err  # adapter tensors are not pruned
+    code = main(["prune", str(tmp_path / "sd.pt"), "--sparsity", "0.5", "--exclude", "x.*", "-o", str(tmp_path / "p.pt")])
+    pruned = torch.load(tmp_path / "p.pt", weights_only=True)
+    assert code == 0 and int((pruned["blk.attn.qkv.weight"] == 0).sum()) > 0
