@@ -146,3 +146,19 @@ def test_cnn_and_vit_blocks():
     assert report["grouped"].num_evals == 32 * 9 * 4  # 32 groups, one 4x4 block each, 9 kernel positions
     assert report["se_reduce"].num_evals == report["se_expand"].num_evals == 4 * 16  # four 16x16 blocks
     assert_no_degenerate_fit(model, report)
+
+
+def test_peft_lora_gpt2_fan_in_fan_out_equals_the_merged_model():
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    model = peft.get_peft_model(build("gpt2"), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    report = analyze(model)
+    merged = analyze(model.merge_and_unload())
+    assert list(report) == list(merged)
+    for name in ("transformer.h.0.attn.c_attn.q", "transformer.h.1.attn.c_attn.v"):
+        assert report[name].alpha == pytest.approx(merged[name].alpha, rel=1e-9)
+    assert report["lm_head"].reason == "shares weights with transformer.wte"
