@@ -344,7 +344,7 @@ def _fit_layer(
         spectral.update(alpha_weighted=None, log_alpha_norm=None)
         return LayerStats(**base, status="failed", reason=reason, **counts, **spectral)
     return LayerStats(
-        **base, status="ok", reason="",
+        **base, status="ok", reason=layer.note,
         alpha=_mean([f.alpha for f in fits]), xmin=_mean([f.xmin for f in fits]), D=_mean([f.D for f in fits]),
         **counts, **spectral,
     )

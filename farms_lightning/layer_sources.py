@@ -31,7 +31,7 @@ def fused_qkv_split(name: str, module: nn.Module, parent: nn.Module | None, out_
     """``(heads, reason)`` of a fused q/k/v projection, or ``None`` when ``module`` is not one.
 
     ``heads`` is 1 for the contiguous ``[q; k; v]`` layout, the head count for an interleaved one,
-    0 when the projection must stay whole (``reason`` says why). Grouped-query projections
+    0 when the projection must stay whole (``reason`` says why; it is analysed as one matrix). Grouped-query projections
     (``out != 3 * in``) are not fused q/k/v in this sense and stay whole silently.
     """
     last = name.rsplit(".", 1)[-1]
@@ -43,8 +43,8 @@ def fused_qkv_split(name: str, module: nn.Module, parent: nn.Module | None, out_
         return None
     heads = _head_count(parent, in_features)
     if heads is None or in_features % heads:
-        return 0, ("fused q/k/v with interleaved heads left whole: the parent module gives no head count "
-                   f"dividing {in_features}")
+        return 0, ("fused q/k/v with interleaved heads, analysed whole: the parent module gives no head "
+                   f"count dividing {in_features}")
     return heads, ""
 
 

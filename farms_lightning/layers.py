@@ -50,7 +50,8 @@ class LayerMatrix:
     ``origin`` names it (``"lora"``, ``"parametrized"``, ``"quantized"``; ``""`` for plain weights).
     ``split = (part, heads)`` selects q, k or v (part 0, 1, 2) of a fused projection whose rows are
     ``(heads, 3, head_dim)`` (``heads = 1``: contiguous thirds). ``groups`` is a conv's group count.
-    ``skip_reason`` is set when discovery already knows the layer cannot be analysed.
+    ``skip_reason`` is set when discovery already knows the layer cannot be analysed; ``note`` is a
+    remark on how an analysable layer is read (it becomes the ``reason`` of a fitted row).
     """
 
     name: str
@@ -64,6 +65,7 @@ class LayerMatrix:
     reader: Callable[[], torch.Tensor] | None = None
     origin: str = ""
     skip_reason: str = ""
+    note: str = ""
 
     @property
     def is_conv(self) -> bool:
@@ -260,7 +262,7 @@ def _module_matrices(name: str, module: nn.Module, kind: str, parent: nn.Module 
         if fused is not None:
             heads, reason = fused
             if heads == 0:
-                yield dataclasses.replace(layer, skip_reason=layer.skip_reason or reason)
+                yield dataclasses.replace(layer, note=reason)
                 return
             for i, part in enumerate("qkv"):
                 yield dataclasses.replace(layer, name=_join(name, part), split=(i, heads))

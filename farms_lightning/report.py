@@ -18,7 +18,8 @@ UNDER_TRAINED_ALPHA = 6.0
 class LayerStats:
     """FARMS statistics of one weight matrix; ``status`` is ``"ok"`` exactly when alpha is a float.
 
-    ``"skipped"`` layers were not analysable and ``"failed"`` ones gave no fit; ``reason`` says why.
+    ``"skipped"`` layers were not analysable and ``"failed"`` ones gave no fit; ``reason`` says why
+    (for an ``"ok"`` layer it is empty, or a note on how it was read, e.g. a fused projection left whole).
     Spectral metrics are ``None`` where they do not exist. For convolutions (paper's block sampling)
     the float statistics are the means over blocks and the counts are totals.
     """
@@ -101,7 +102,7 @@ class FARMSReport(Mapping[str, LayerStats]):
                 _fmt(layer.alpha),
                 _fmt(layer.D),
                 str(layer.num_evals),
-                layer.status if layer.status == "ok" else f"{layer.status}: {layer.reason}",
+                f"{layer.status}: {layer.reason}" if layer.reason else layer.status,
             )
             for layer in self.layers
         ]

@@ -115,6 +115,8 @@ def test_fused_qkv_parts_are_the_right_rows():
     del neox.num_attention_heads  # no head count: left whole, with the reason
     whole = analyze(neox)
     assert list(whole) == ["query_key_value"] and "head count" in whole["query_key_value"].reason
+    assert whole["query_key_value"].status == "ok"  # analysed as one matrix, the reason as a note
+    assert "analysed whole" in whole.to_table()
     gqa = nn.Module()
     gqa.qkv_proj = nn.Linear(96, 96 + 2 * 32)  # grouped-query: out != 3 * in, stays whole
     assert [l.name for l in discover_layers(gqa)] == ["qkv_proj"]
