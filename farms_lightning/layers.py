@@ -318,8 +318,9 @@ def discover_layers(
         if lora_layer:
             ignored.append(raw_name + ".")
         kind = layer_kind(lora_base(module) if lora_layer else module)
-        if kind == "Embedding" and not lora_layer:
-            embeddings.setdefault(LayerMatrix("", "", kind, module.weight).identity(), clean_name(raw_name, prefixes))
+        table = stored_weight(module) if kind == "Embedding" and not lora_layer else None
+        if table is not None:  # for heads tied to it (a parametrized table is not evaluated)
+            embeddings.setdefault(LayerMatrix("", "", "Embedding", table).identity(), clean_name(raw_name, prefixes))
         if kind is None or kind not in kinds:
             continue
         parent = parents.get(raw_name.rsplit(".", 1)[0] if "." in raw_name else "")
