@@ -113,6 +113,11 @@ def _own_parameters(layer: LayerMatrix) -> list[torch.Tensor]:
         return lora_trainable_parameters(module)  # type: ignore[arg-type]
     if layer.origin == "quantized" or module is None:
         return []
+    if layer.origin == "parametrized":  # every original (weight_norm: the direction and the magnitude)
+        originals = [p for p in module.parametrizations["weight"].parameters()]  # type: ignore[index, union-attr]
+        first = [p for p in originals if p is layer.weight]
+        bias = getattr(module, "bias", None)
+        return first + [p for p in originals if p is not layer.weight] + ([bias] if isinstance(bias, nn.Parameter) else [])
     if isinstance(module, nn.MultiheadAttention):
         bias = module.in_proj_bias if module.in_proj_weight is layer.weight else None
     else:

@@ -272,6 +272,8 @@ def test_parametrized_modules_keep_every_state(train):
             assert report[""].status == "failed" and "flat" in report[""].reason
         with pytest.raises(ValueError, match="parametriz"):
             prune_model(layer, {"": 0.5})
+        params = layer_parameters(layer)[""]  # TempBalance scales every original and the bias
+        assert {id(p) for p in params} == {id(p) for p in layer.parameters()}, kind
 
 
 # ----------------------------------------------------------------------------- LoRA
