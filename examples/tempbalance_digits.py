@@ -12,15 +12,18 @@ import statistics
 import sys
 import warnings
 
-import lightning.pytorch as pl
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from digits import DigitsCNN, digits_loaders  # noqa: E402
 
-from farms_lightning import FARMSLRBalancer  # noqa: E402
 
 
 def run(mode: str, seed: int, epochs: int, lr_min: float, lr_max: float) -> float:
+    # Imported here, not at the top, so that --help answers at once.
+    import lightning.pytorch as pl
+    from _digits import DigitsCNN, digits_loaders
+
+    from farms_lightning import FARMSLRBalancer
+
     pl.seed_everything(seed, verbose=False)
     callbacks = []
     if mode != "schedule only":

@@ -14,8 +14,9 @@ from typing import Any, Collection, Sequence, Union
 import torch
 from torch import nn
 
-from farms_lightning.esd_metrics import METRIC_NAMES, esd_metrics
+from farms_lightning.esd_metrics import ESD_METRIC_NAMES, esd_metrics
 from farms_lightning.layers import LayerMatrix, LayerTypes, Patterns, discover_layers
+from farms_lightning.matrix_metrics import MATRIX_METRIC_NAMES, conv_matrices, whole_matrix_metrics
 from farms_lightning.powerlaw import (
     PowerLawFit,
     fit_nonzero,
@@ -92,7 +93,7 @@ def analyze(
     Args:
         model: any ``nn.Module``; its weights are read, never modified or kept.
         preset: ``"cv"`` (m=100, Q=1, k=9, median fit) or ``"llm"`` (m=2000, Q=1, k=10, peak fit).
-        window, aspect_ratio, windows_per_dim, fit: override the preset (spec §2, §4).
+        window, aspect_ratio, windows_per_dim, fit: override the preset (docs/method.md).
         esd: ``"farms"`` (pooled windows) or ``"full"`` (the plain ESD of each matrix).
         dtype: ``None``/``torch.float64`` (exact float64 Gram matrices) or ``torch.float32``
             (faster, less exact: peak fits can move by tens of percent).
@@ -321,7 +322,11 @@ def _solve_all(
 def _fit_layer(
     layer: LayerMatrix, spectra: list[torch.Tensor] | Exception, weight_dtype: torch.dtype, settings: dict[str, Any]
 ) -> LayerStats:
-    """Fit every group's ESD; a conv layer's statistics are the block means (counts: totals)."""
+    """Fit every group's ESD; a conv layer's fit and ESD metrics are the block means (counts: totals).
+
+    The whole-matrix metrics describe the weight matrix itself (a conv: its unscaled reshape, per
+    group), whatever the ESD; ``alpha_weighted`` is the fitted alpha times its ``log_spectral_norm``.
+    """
     base: dict[str, Any] = {"name": layer.name, "type": layer.module_type, "shape": layer.shape,
                             "num_params": layer.num_params}
     if isinstance(spectra, Exception):
@@ -336,18 +341,35 @@ def _fit_layer(
         metrics.append(esd_metrics(values, fit.alpha))
     counts: dict[str, Any] = {"num_evals": sum(f.num_evals for f in fits),
                               "num_dropped": sum(f.num_dropped for f in fits)}
-    spectral: dict[str, Any] = {name: _mean([m[name] for m in metrics]) for name in METRIC_NAMES}
+    spectral: dict[str, Any] = {name: _mean([m[name] for m in metrics]) for name in ESD_METRIC_NAMES}
+    spectral.update(_whole_matrix(layer, spectra, settings))
     bad = [(b, f) for b, f in enumerate(fits) if f.status != "ok"]
     if bad:
         block, fit = bad[0]
         reason = fit.reason if len(fits) == 1 else f"block {block + 1} of {len(fits)}: {fit.reason}"
         spectral.update(alpha_weighted=None, log_alpha_norm=None)
         return LayerStats(**base, status="failed", reason=reason, **counts, **spectral)
+    alpha = _mean([f.alpha for f in fits])
+    log_spectral_norm = spectral["log_spectral_norm"]
+    spectral["alpha_weighted"] = None if alpha is None or log_spectral_norm is None else alpha * log_spectral_norm
     return LayerStats(
         **base, status="ok", reason=layer.note,
-        alpha=_mean([f.alpha for f in fits]), xmin=_mean([f.xmin for f in fits]), D=_mean([f.D for f in fits]),
+        alpha=alpha, xmin=_mean([f.xmin for f in fits]), D=_mean([f.D for f in fits]),
         **counts, **spectral,
     )
+
+
+def _whole_matrix(layer: LayerMatrix, spectra: list[torch.Tensor], settings: dict[str, Any]) -> dict[str, Any]:
+    """Whole-matrix metrics of the layer (``None`` each if they cannot be computed)."""
+    try:
+        w = layer.oriented()
+        if layer.is_conv:
+            return whole_matrix_metrics(conv_matrices(w, getattr(layer, "groups", 1)))
+        # A float64 full ESD is the whole matrix's exact spectrum: its top eigenvalue is lambda_max.
+        exact = settings["esd"] == "full" and resolve_dtype(settings["dtype"]) == torch.float64 and len(spectra[0])
+        return whole_matrix_metrics([w], float(spectra[0][-1]) if exact else None)
+    except Exception:  # noqa: BLE001 - a metric never crashes the analysis
+        return dict.fromkeys(MATRIX_METRIC_NAMES)
 
 
 def _mean(values: list[Union[float, None]]) -> float | None:

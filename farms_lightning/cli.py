@@ -1,4 +1,4 @@
-"""``farms-lightning``: analyse or prune saved weights without the model's code.
+"""farms-lightning: analyse or prune saved weights without the model's code.
 
 Inputs: a Lightning ``.ckpt`` (its ``state_dict``), a torch state dict (``.pt``/``.pth``/``.bin``,
 also ``{"state_dict": ...}``), a ``.safetensors`` file or a folder of them. The format is read from
@@ -6,9 +6,9 @@ the file's first bytes (the extension is only a fallback). Torch files are loade
 ``weights_only=True`` unless ``--trust-pickle`` is given.
 
 Exit codes: 0 success; 1 unexpected internal error (with a traceback); 2 usage error (bad option
-or value); 3 input missing, unreadable, truncated or of an unknown format; 4 nothing to analyse
-(no weight matrix, or none left by ``--include``/``--exclude``/``--layer-types``); 5 the output
-cannot be written.
+or value, an output over an input); 3 input missing, unreadable, truncated or of an unknown format;
+4 nothing to analyse (no weight matrix, or none left by ``--include``/``--exclude``/``--layer-types``);
+5 the output cannot be written (nothing is left half-written: see :mod:`farms_lightning.safe_io`).
 """
 
 from __future__ import annotations
@@ -27,24 +27,30 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from farms_lightning.analysis import PRESETS, analyze_layers, resolve_settings
+from farms_lightning.cli_parsing import Parser, UsageError, name_subcommands, parse_arguments
 from farms_lightning.layers import LAYER_TYPES, LayerMatrix, discover_layers
 from farms_lightning.pruners import prune_model
 from farms_lightning.pruning import alpha_sparsity, uniform_sparsity
 from farms_lightning.report import FARMSReport
-from farms_lightning.state_dict import model_from_state_dict
-from farms_lightning.weight_files import (
+from farms_lightning.safe_io import (
     EXIT_INPUT,
     EXIT_OUTPUT,
+    EXIT_USAGE,
     CLIError,
-    Weights,
-    _first_line,
-    load_weights,
-    save_weights,
+    check_output,
+    shown,
+    write_stdout,
+    write_text,
 )
+from farms_lightning.state_dict import model_from_state_dict
+from farms_lightning.weight_files import Weights, _first_line, load_weights, save_weights
 
-EXIT_OK, EXIT_INTERNAL, EXIT_USAGE, EXIT_EMPTY = 0, 1, 2, 4  # EXIT_INPUT 3, EXIT_OUTPUT 5: weight_files
+__all__ = ["EXIT_INPUT", "EXIT_OUTPUT", "EXIT_USAGE", "main", "build_parser"]
+
+EXIT_OK, EXIT_INTERNAL, EXIT_EMPTY = 0, 1, 4  # EXIT_USAGE 2, EXIT_INPUT 3, EXIT_OUTPUT 5: safe_io
 FORMATS = ("table", "csv", "json", "markdown")
 SUFFIX_FORMATS = {".json": "json", ".csv": "csv", ".md": "markdown", ".markdown": "markdown"}
+DESCRIPTION = "Analyse or prune saved weights (checkpoints, state dicts, safetensors) without the model's code."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,29 +61,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         $ farms-lightning analyze model.safetensors --fit peak --format json --output alphas.json
         $ farms-lightning prune last.ckpt --sparsity 0.5 --allocation alpha --output pruned.ckpt
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as done:  # --help (0) or an argparse usage error (2, already printed)
+        args = parse_arguments(parser, argv)
+    except UsageError as error:
+        _print_error(error.prog, str(error), hint=True)
+        return EXIT_USAGE
+    except SystemExit as done:  # --help
         return int(done.code or 0)
     try:
         return args.command(args)
     except CLIError as error:
-        print(f"farms-lightning: error: {error}", file=sys.stderr)
+        _print_error(args.parser.prog, str(error), hint=error.help_hint)
         return error.code
+
+
+def _print_error(prog: str, message: str, hint: bool) -> None:
+    """One line on stderr: the (sub)command, the problem and, for usage errors, where to read more."""
+    print(f"{prog}: error: {message}" + (f" (see {prog} --help)" if hint else ""), file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
     epilog = "exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 nothing to analyse, 5 output not writable"
-    parser = argparse.ArgumentParser(prog="farms-lightning", description=__doc__.split("\n\n")[0], epilog=epilog)
-    commands = parser.add_subparsers(required=True, metavar="{analyze,prune}")
-    analyze_cmd = commands.add_parser("analyze", help="FARMS alphas of every weight matrix")
+    parser = Parser(prog="farms-lightning", description=DESCRIPTION, epilog=epilog)
+    commands = parser.add_subparsers(required=True, dest="subcommand")
+    usage = "%(prog)s PATH [options]"  # PATH first: --include/--exclude/--layer-types take several values
+    analyze_cmd = commands.add_parser("analyze", help="FARMS alphas of every weight matrix", usage=usage)
     _add_input(analyze_cmd)
     _add_engine(analyze_cmd, preset="cv")
     analyze_cmd.add_argument("--format", choices=FORMATS, help="default: from --output's suffix, else table")
     analyze_cmd.add_argument("--output", "-o", type=Path, help="write the report here (default: stdout)")
     analyze_cmd.set_defaults(command=run_analyze)
 
-    prune_cmd = commands.add_parser("prune", help="write a pruned copy of the weights, in the same format")
+    prune_cmd = commands.add_parser("prune", help="write a pruned copy of the weights, in the same format",
+                                    usage=usage)
     _add_input(prune_cmd)
     prune_cmd.add_argument("--sparsity", type=float, required=True, help="target mean sparsity S of the matrices")
     prune_cmd.add_argument("--method", choices=("magnitude", "wanda"), default="magnitude",
@@ -91,11 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune_cmd.add_argument("--format", choices=FORMATS, default="table", help="format of the per-layer report")
     _add_engine(prune_cmd, preset="llm")
     prune_cmd.set_defaults(command=run_prune)
+    name_subcommands(commands)  # after every add_parser: errors name the subcommand
     return parser
 
 
 def _add_input(cmd: argparse.ArgumentParser) -> None:
-    cmd.add_argument("path", type=Path, help=".ckpt, .pt/.pth/.bin state dict, .safetensors, or a folder of them")
+    cmd.add_argument("path", type=Path, metavar="PATH", help=".ckpt, .pt/.pth/.bin state dict, .safetensors, or a folder of them")
     cmd.add_argument("--trust-pickle", action="store_true",
                      help="load torch files with weights_only=False (runs pickled code: only for trusted files)")
     cmd.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
@@ -121,20 +140,20 @@ def _add_engine(cmd: argparse.ArgumentParser, preset: str) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
+    _layer_types(args)  # usage errors before any reading
     weights = load_weights(args.path, args.trust_pickle)
+    if args.output is not None:  # a report may sit in the input folder, never on a file that is read
+        check_output(args.output, [args.path], weights.sources, report=True)
     report = analyze_with_progress(weights, args)
     fmt = args.format or (SUFFIX_FORMATS.get(args.output.suffix.lower(), "table") if args.output else "table")
     title, table = _settings_line(weights, report), report.to_table()
     text = f"{title}\n{table}\n" if fmt == "table" else format_rows(
         report.to_rows(), fmt, table.rsplit("\n", 1)[-1], title,  # the table's last line is the summary
-        {"file": str(weights.path), "settings": report.settings, "summary": report.summary})
+        {"file": shown(weights.path), "settings": report.settings, "summary": report.summary})
     if args.output is None:
-        sys.stdout.write(text)
-        return EXIT_OK
-    try:
-        args.output.write_text(text)
-    except OSError as error:
-        raise CLIError(f"cannot write {args.output}: {error}", EXIT_OUTPUT) from None
+        write_stdout(text)
+    else:
+        write_text(args.output, text)
     return EXIT_OK
 
 
@@ -145,11 +164,11 @@ def run_prune(args: argparse.Namespace) -> int:
                        "farms_lightning.pruners.prune_model(model, sparsities, method='wanda', calibration=batch)",
                        EXIT_USAGE)
     out = args.output
-    if out.resolve() == args.path.resolve():
-        raise CLIError(f"--output {out} is the input: refusing to overwrite it", EXIT_USAGE)
+    _layer_types(args)
     with _usage_errors():  # check the numbers before a long analysis
         alpha_sparsity({}, args.sparsity, args.epsilon, blocks=args.blocks, max_sparsity=args.max_sparsity)
     weights = load_weights(args.path, args.trust_pickle)
+    check_output(out, [args.path], weights.sources, folder=weights.kind == "folder")
     alphas: dict[str, float | None] = {}
     with _usage_errors():
         if args.allocation == "alpha":
@@ -173,10 +192,10 @@ def run_prune(args: argparse.Namespace) -> int:
     total = sum(r["num_params"] for r in rows)
     mean = math.fsum(r["achieved"] * r["num_params"] for r in rows) / total if total else math.nan
     summary = (f"pruned {len(rows)} matrices ({total} weights) by magnitude, {args.allocation} allocation: "
-               f"sparsity {mean:.4f} (target {args.sparsity}); wrote {out}")
+               f"sparsity {mean:.4f} (target {args.sparsity}); wrote {shown(out)}")
     meta = {"method": "magnitude", "allocation": args.allocation, "sparsity": args.sparsity, "achieved": mean,
-            "output": str(out)}
-    print(format_rows(rows, args.format, summary, f"{args.path}: pruning {len(rows)} matrices", meta), end="")
+            "output": shown(out)}
+    write_stdout(format_rows(rows, args.format, summary, f"{shown(args.path)}: pruning {len(rows)} matrices", meta))
     return EXIT_OK
 
 
@@ -185,17 +204,26 @@ def _selected_layers(weights: Weights, args: argparse.Namespace) -> list[LayerMa
     try:
         model = model_from_state_dict(weights.state_dict)
     except Exception as error:  # noqa: BLE001 - e.g. keys that are not valid module names
-        raise CLIError(f"cannot interpret the keys of {weights.path} as layers: {_first_line(error)}",
+        raise CLIError(f"cannot interpret the keys of {shown(weights.path)} as layers: {_first_line(error)}",
                        EXIT_INPUT) from None
     if not discover_layers(model, layer_types=LAYER_TYPES):
-        raise CLIError(f"{weights.path} has no weight matrices (floating-point tensors of 2 to 5 dimensions "
+        raise CLIError(f"{shown(weights.path)} has no weight matrices (floating-point tensors of 2 to 5 dimensions "
                        f"whose key ends in 'weight')", EXIT_EMPTY)
     with _usage_errors():
-        kinds = [t for v in args.layer_types for t in v.split(",") if t] if args.layer_types else None
-        layers = discover_layers(model, kinds, args.include, args.exclude, split_qkv=args.split_qkv)
+        layers = discover_layers(model, _layer_types(args), args.include, args.exclude, split_qkv=args.split_qkv)
     if not layers:
-        raise CLIError(f"no layer of {weights.path} is selected by --include/--exclude/--layer-types", EXIT_EMPTY)
+        raise CLIError(f"no layer of {shown(weights.path)} is selected by --include/--exclude/--layer-types", EXIT_EMPTY)
     return layers
+
+
+def _layer_types(args: argparse.Namespace) -> list[str] | None:
+    """``--layer-types`` values split at commas; given but empty (``--layer-types ,``) is a usage error."""
+    if args.layer_types is None:
+        return None
+    kinds = [t.strip() for v in args.layer_types for t in v.split(",") if t.strip()]
+    if not kinds:
+        raise CLIError(f"--layer-types names no type; choose among {', '.join(LAYER_TYPES)}", EXIT_USAGE)
+    return kinds
 
 
 def analyze_with_progress(weights: Weights, args: argparse.Namespace) -> FARMSReport:
@@ -255,7 +283,7 @@ def _cell(row: dict[str, Any], column: str) -> str:
 def _settings_line(weights: Weights, report: FARMSReport) -> str:
     s = report.settings
     grid = "" if s["esd"] == "full" else f" m={s['window']} Q={s['aspect_ratio']} k={s['windows_per_dim']}"
-    return f"{weights.path}: {len(report)} matrices; esd={s['esd']}{grid} fit={s['fit']}"
+    return f"{shown(weights.path)}: {len(report)} matrices; esd={s['esd']}{grid} fit={s['fit']}"
 
 
 def _jsonable(value: Any) -> Any:

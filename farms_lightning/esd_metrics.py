@@ -1,4 +1,10 @@
-"""Per-ESD metrics besides alpha (spec §5, WeightWatcher's names), on the non-zero eigenvalues."""
+"""Per-ESD metrics besides alpha (WeightWatcher's names), on the non-zero eigenvalues of the fitted ESD.
+
+These describe the ESD that alpha was fitted on: the pooled FARMS windows (a convolution: each
+block, scaled by 0.5, then averaged over blocks) or the full ESD. The whole-matrix metrics
+(``lambda_max``, ``norm``, ``stable_rank``, ...) describe the weight matrix itself instead: see
+:mod:`farms_lightning.matrix_metrics`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,10 @@ import math
 
 import torch
 
-#: Metric names in report order; alpha-dependent ones are ``None`` when no alpha was fitted.
+#: Metrics of the fitted ESD; ``log_alpha_norm`` is ``None`` when no alpha was fitted.
+ESD_METRIC_NAMES = ("log_alpha_norm", "entropy")
+#: Every per-layer metric besides the fit, in report order: the whole-matrix ones
+#: (``matrix_metrics.MATRIX_METRIC_NAMES``), the ESD ones and ``alpha_weighted`` (alpha x log10 lambda_max).
 METRIC_NAMES = (
     "lambda_max",
     "log_spectral_norm",
@@ -26,22 +35,10 @@ def esd_metrics(values: torch.Tensor, alpha: float | None) -> dict[str, float | 
     ``entropy`` is the Shannon entropy of ``λ / Σλ`` normalised by ``ln(len(λ))`` (0 for one λ).
     """
     if len(values) == 0:
-        return dict.fromkeys(METRIC_NAMES)
-    lambda_max = float(values[-1])
-    total = float(values.sum())
-    p = values / total
+        return dict.fromkeys(ESD_METRIC_NAMES)
+    p = values / values.sum()
     entropy = float(-(p * torch.log(p)).sum() / math.log(len(values))) if len(values) > 1 else 0.0
-    metrics: dict[str, float | None] = {
-        "lambda_max": lambda_max,
-        "log_spectral_norm": math.log10(lambda_max),
-        "norm": total,
-        "log_norm": math.log10(total),
-        "alpha_weighted": None,
-        "log_alpha_norm": None,
-        "stable_rank": total / lambda_max,
-        "entropy": entropy,
-    }
+    log_alpha_norm = None
     if alpha is not None:
-        metrics["alpha_weighted"] = alpha * math.log10(lambda_max)
-        metrics["log_alpha_norm"] = float(torch.logsumexp(alpha * torch.log(values), 0)) / math.log(10)
-    return metrics
+        log_alpha_norm = float(torch.logsumexp(alpha * torch.log(values), 0)) / math.log(10)
+    return {"log_alpha_norm": log_alpha_norm, "entropy": entropy}

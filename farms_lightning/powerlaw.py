@@ -1,4 +1,4 @@
-"""Power-law fits of a pooled ESD (spec §4): ``median``, ``ks`` and ``peak``.
+"""Power-law fits of a pooled ESD (docs/method.md): ``median``, ``ks`` and ``peak``.
 
 For a candidate index ``i`` (``xmin = λ_i``, ``n = N - i``) the Hill/MLE exponent is
 ``alpha_i = 1 + n / Σ_{j≥i} ln(λ_j / λ_i)`` and the references' one-sided distance is
@@ -22,7 +22,7 @@ FIT_METHODS = ("median", "ks", "peak")
 PEAK_BOUNDS = ("reference", "corrected")
 #: Eigenvalues at or below this fraction of the largest are numerically zero and dropped.
 ZERO_TOLERANCE = 1e-12
-#: A tail whose values all lie within this relative spread of xmin is flat: no power law (spec §4).
+#: A tail whose values all lie within this relative spread of xmin is flat: no power law.
 FLAT_TOLERANCE = 1e-9
 
 
@@ -31,7 +31,7 @@ def flat_tolerance_for(weight_dtype: torch.dtype) -> float:
 
     An orthogonal matrix is only orthogonal to its storage precision: built in float32 (QR in
     float32) its λ spread by up to ~40 ulps (5e-6 at 2000x2000), cast to bf16/fp16 by ~1.2 ulps of
-    that format. The spec's 1e-9 would call such a layer "fitted" with alpha ~1e6, so below
+    that format. A 1e-9 tolerance would call such a layer "fitted" with alpha ~1e6, so below
     float64 the tolerance is ``max(64·eps(float32), 4·eps(dtype))``. No real power-law tail is
     that narrow (it would mean alpha > 1e5).
     """

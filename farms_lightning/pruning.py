@@ -1,6 +1,6 @@
 """Layer-wise sparsity allocation: AlphaPruning from FARMS alphas, and the uniform baseline.
 
-AlphaPruning (spec §7) prunes a layer more the larger its heavy-tail exponent alpha (the less
+AlphaPruning (docs/method.md) prunes a layer more the larger its heavy-tail exponent alpha (the less
 trained it looks), keeping the parameter-weighted mean sparsity at the target. The allocation is a
 plain ``{layer name: sparsity}`` dict, named as :func:`farms_lightning.analyze` names layers, that
 any pruner can consume (:func:`farms_lightning.pruners.prune_model`, ``FARMSModelPruning``).
@@ -35,7 +35,7 @@ def alpha_sparsity(
 ) -> dict[str, float]:
     r"""AlphaPruning's per-layer sparsities, whose parameter-weighted mean is exactly ``sparsity``.
 
-    With alphas ``a_i`` and parameter counts ``p_i`` of the layers that have an alpha (spec §7):
+    With alphas ``a_i`` and parameter counts ``p_i`` of the layers that have an alpha:
     ``r_i = (a_i - a_min) / (a_max - a_min) * 2ε + (1 - ε)`` (``r_i = 1`` when all alphas are
     equal), ``scale = S * Σp_i / Σ(p_i * r_i)`` and ``sparsity_i = r_i * scale``: higher alpha is
     pruned more, and ``Σ p_i * sparsity_i = S * Σ p_i``.

@@ -20,8 +20,12 @@ class LayerStats:
 
     ``"skipped"`` layers were not analysable and ``"failed"`` ones gave no fit; ``reason`` says why
     (for an ``"ok"`` layer it is empty, or a note on how it was read, e.g. a fused projection left whole).
-    Spectral metrics are ``None`` where they do not exist. For convolutions (paper's block sampling)
-    the float statistics are the means over blocks and the counts are totals.
+    Metrics are ``None`` where they do not exist (skipped layers have none). ``lambda_max``,
+    ``log_spectral_norm``, ``norm``, ``log_norm`` and ``stable_rank`` describe the whole weight
+    matrix (a conv: its unscaled ``(out, in/groups·kh·kw)`` reshape, the mean over groups), in every
+    ESD mode; ``log_alpha_norm`` and ``entropy`` the ESD alpha was fitted on; ``alpha_weighted`` is
+    ``alpha · log_spectral_norm``. For convolutions (paper's block sampling) the fit and ESD
+    statistics are the means over blocks and the counts are totals.
     """
 
     name: str

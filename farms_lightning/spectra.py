@@ -1,4 +1,4 @@
-"""Eigenvalues of weight windows, batched: FARMS pooled ESDs (spec §2) and plain full ESDs.
+"""Eigenvalues of weight windows, batched: FARMS pooled ESDs and plain full ESDs.
 
 Every window ``X`` gives the ``min(rows, cols)`` eigenvalues of its smaller Gram matrix
 (``X Xᵀ`` or ``Xᵀ X``), i.e. its squared singular values. By default the Gram matrix and its
@@ -179,7 +179,7 @@ def farms_eigenvalues(
     windows_per_dim: int = 9,
     dtype: DTypeLike = None,
 ) -> torch.Tensor:
-    """Pooled FARMS eigenvalues of one 2-D matrix (spec §2), sorted ascending, float64, zeros kept.
+    """Pooled FARMS eigenvalues of one 2-D matrix, sorted ascending, float64, zeros kept.
 
     Args:
         w: a 2-D tensor, any float dtype and device; read only.

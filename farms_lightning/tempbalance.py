@@ -1,4 +1,4 @@
-"""TempBalance (spec §6): layer-wise learning-rate factors from alphas, and which parameters they scale.
+"""TempBalance (docs/method.md): layer-wise learning-rate factors from alphas, and which parameters they scale.
 
 Pure functions: alphas in, factors out; a model in, the parameters of each tuned layer out. The
 mechanism that applies factors to optimizers lives in :mod:`farms_lightning.lr_scaling`.
@@ -156,7 +156,7 @@ def parameter_factors(
 ) -> tuple[dict[str, float], dict[int, float]]:
     """Factors by tuned layer name and by parameter ``id`` (matrices sharing a parameter: mean alpha)."""
     units = tuned_units(report, layer_params, remove_first_layer, remove_last_layer)
-    # A parameter holding several matrices (MHA q/k/v) uses the mean of their alphas (spec §6).
+    # A parameter holding several matrices (MHA q/k/v) uses the mean of their alphas.
     alphas = [statistics.fmean(report[n].alpha for n in names) for names in units]  # type: ignore[misc]
     unit_factors = lr_factors(alphas, method, lr_min_ratio, lr_max_ratio)
     layer_factor = {n: f for names, f in zip(units, unit_factors) for n in names}

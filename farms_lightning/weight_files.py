@@ -1,31 +1,39 @@
 """Reading and writing weight files for the CLI: torch state dicts, Lightning checkpoints, safetensors.
 
 Formats are recognised from the first bytes (the extension is only a fallback). Torch files load
-with ``weights_only=True`` unless the caller trusts pickles. Failures raise :class:`CLIError` with
-the exit code the command line returns (3 for input, 5 for output).
+with ``weights_only=True`` unless the caller trusts pickles. A folder is a sharded model: its
+``.safetensors`` files, else its torch files; when it has a ``*.index.json`` whose ``weight_map``
+names the shards (as Hugging Face writes), that map says which shard owns which key. Every read
+maps its ``OSError`` to exit 3, every write to exit 5 (:mod:`farms_lightning.safe_io`); outputs are
+written atomically, a folder beside its target and renamed into place at the end.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-EXIT_INPUT, EXIT_OUTPUT = 3, 5
+from farms_lightning.safe_io import (
+    EXIT_INPUT,
+    EXIT_OUTPUT,
+    TEMP_PREFIX,
+    CLIError,
+    atomic_folder,
+    atomic_write,
+    copy_into,
+    input_errors,
+    reason,
+    shown,
+)
+from farms_lightning.safetensors_file import SafetensorsFile, save_safetensors
+
+__all__ = ["EXIT_INPUT", "EXIT_OUTPUT", "CLIError", "Weights", "load_weights", "save_weights", "sniff_format"]
+
 TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-
-class CLIError(Exception):
-    """A clear, expected failure: its message goes to stderr and ``code`` becomes the exit status."""
-
-    def __init__(self, message: str, code: int) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -38,60 +46,142 @@ class Weights:
     container: Any = None  # torch: the loaded object, written back whole
     files: dict[str, tuple[list[str], dict[str, str] | None]] = field(default_factory=dict)  # name: keys, metadata
     containers: dict[str, Any] = field(default_factory=dict)  # a folder's torch files: name -> loaded object
+    sources: list[Path] = field(default_factory=list)  # every file read: no output may be written over them
 
 
 def load_weights(path: Path, trust_pickle: bool = False) -> Weights:
     """Read a checkpoint, state dict, safetensors file or folder of them (exit code 3 on failure)."""
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and p.is_file())
-        torch_files = sorted(p for p in path.iterdir() if p.suffix in TORCH_SUFFIXES and p.is_file())
-        if not files and not torch_files:
-            raise CLIError(f"{path} is a folder without .safetensors or torch ({', '.join(TORCH_SUFFIXES)}) files",
-                           EXIT_INPUT)
-        weights = Weights(path, "folder", {})
-        for file in files or torch_files:  # a sharded model: safetensors shards, else torch shards
-            if files:
-                tensors, metadata = _read_safetensors(file)
-            else:
-                tensors, weights.containers[file.name] = _read_torch(file, trust_pickle)
-                metadata = None
-            weights.state_dict.update(tensors)
-            weights.files[file.name] = (list(tensors), metadata)
-        return weights
-    if not path.is_file():
-        raise CLIError(f"{path}: no such file or folder", EXIT_INPUT)
+    with input_errors(path):
+        is_dir = path.is_dir()
+        is_file = not is_dir and path.is_file()
+    if is_dir:
+        return _load_folder(path, trust_pickle)
+    if not is_file:
+        raise CLIError(f"{shown(path)}: no such file or folder", EXIT_INPUT)
     kind = sniff_format(path)
     if kind == "safetensors":
-        tensors, metadata = _read_safetensors(path)
-        return Weights(path, "safetensors", tensors, files={path.name: (list(tensors), metadata)})
+        tensors, metadata = read_safetensors(path)
+        return Weights(path, "safetensors", tensors, files={path.name: (list(tensors), metadata)}, sources=[path])
     if kind != "torch":
-        raise CLIError(f"{path}: unknown format: neither a torch file (zip archive or pickle: .ckpt/.pt/.pth/.bin) "
-                       f"nor safetensors, nor a folder of such files", EXIT_INPUT)
-    tensors, container = _read_torch(path, trust_pickle)
-    return Weights(path, "torch", tensors, container=container)
+        raise CLIError(f"{shown(path)}: unknown format: neither a torch file (zip archive or pickle: "
+                       f".ckpt/.pt/.pth/.bin) nor safetensors, nor a folder of such files", EXIT_INPUT)
+    tensors, container = read_torch(path, trust_pickle)
+    return Weights(path, "torch", tensors, container=container, sources=[path])
 
 
-def _read_torch(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], Any]:
+def _load_folder(path: Path, trust_pickle: bool) -> Weights:
+    """A sharded model: every key from exactly one shard (exit 3 for a key in two, or against the index)."""
+    with input_errors(path):
+        # A temporary file left by a killed run (their names start with TEMP_PREFIX) is no shard.
+        entries = sorted(p for p in path.iterdir() if not p.name.startswith(TEMP_PREFIX))
+        safetensors = [p for p in entries if p.suffix == ".safetensors" and p.is_file()]
+        torch_files = [p for p in entries if p.suffix in TORCH_SUFFIXES and p.is_file()]
+    if not safetensors and not torch_files:
+        raise CLIError(f"{shown(path)} is a folder without .safetensors or torch ({', '.join(TORCH_SUFFIXES)}) "
+                       f"files", EXIT_INPUT)
+    shards = safetensors or torch_files
+    index, index_files = _read_index(entries, (".safetensors",) if safetensors else TORCH_SUFFIXES)
+    weights = Weights(path, "folder", {}, sources=list(index_files))
+    listed = set(index.values()) if index is not None else {p.name for p in shards}
+    missing = sorted(listed - {p.name for p in shards})
+    if missing:
+        raise CLIError(f"{shown(index_files[0].name)} names the shard {missing[0]}, which is not in {shown(path)}",
+                       EXIT_INPUT)
+    owner: dict[str, str] = {}
+    for file in shards:
+        try:
+            tensors, metadata, container = _read_shard(file, trust_pickle)
+        except CLIError:
+            if file.name not in listed and file.suffix != ".safetensors":
+                continue  # a torch file the index does not name and that is no state dict (training_args.bin)
+            raise
+        if file.name not in listed:
+            if tensors:
+                raise CLIError(f"{shown(file)} holds tensors but {shown(index_files[0].name)} does not list it; "
+                               f"remove the file or add its keys to the index", EXIT_INPUT)
+            continue
+        for key in tensors:
+            if key in owner:
+                raise CLIError(f"{shown(path)}: the key {key!r} is in two shards, {shown(owner[key])} and "
+                               f"{shown(file.name)}", EXIT_INPUT)
+            if index is not None and index.get(key) != file.name:
+                where = f"maps it to {shown(index[key])}" if key in index else "does not list it"
+                raise CLIError(f"{shown(file)} holds {key!r} but {shown(index_files[0].name)} {where}", EXIT_INPUT)
+            owner[key] = file.name
+        weights.state_dict.update(tensors)
+        weights.files[file.name] = (list(tensors), metadata)
+        if container is not None:
+            weights.containers[file.name] = container
+        weights.sources.append(file)
+    absent = [key for key in index or {} if key not in owner]
+    if index is not None and absent:
+        raise CLIError(f"{shown(index_files[0].name)} maps {absent[0]!r} to {shown(index[absent[0]])}, which does not "
+                       f"hold it", EXIT_INPUT)
+    return weights
+
+
+def _read_index(entries: list[Path], suffixes: tuple[str, ...]) -> tuple[dict[str, str] | None, list[Path]]:
+    """The merged ``weight_map`` of the folder's ``*.index.json`` files for shards with ``suffixes``."""
+    weight_map: dict[str, str] = {}
+    used = []
+    for file in entries:
+        if not file.name.endswith(".index.json"):
+            continue
+        with input_errors(file):
+            text = file.read_bytes()
+        try:
+            data = json.loads(text)
+        except ValueError as error:
+            raise CLIError(f"cannot read {shown(file)} as a shard index: {error}", EXIT_INPUT) from None
+        mapping = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(mapping, dict) or not mapping:
+            continue
+        if not all(isinstance(v, str) for v in mapping.values()):
+            raise CLIError(f"{shown(file)}: weight_map values must be shard file names", EXIT_INPUT)
+        if not all(Path(v).suffix in suffixes for v in mapping.values()):
+            continue  # the index of the other format (a folder may ship both)
+        for key, shard in mapping.items():
+            if weight_map.setdefault(key, shard) != shard:
+                raise CLIError(f"{shown(file)} maps {key!r} to {shard}, another index to {weight_map[key]}",
+                               EXIT_INPUT)
+        used.append(file)
+    return (weight_map if used else None), used
+
+
+def _read_shard(file: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, Any]:
+    if file.suffix == ".safetensors":
+        return (*read_safetensors(file), None)
+    tensors, container = read_torch(file, trust_pickle)
+    return tensors, None, container
+
+
+def read_torch(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], Any]:
     """The tensors of a torch state dict file (or of its ``"state_dict"``) and the loaded object."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as error:  # noqa: BLE001 - any reader failure is a clear input error
-        if "weights only" in str(error).lower() or "weights_only" in str(error):
-            raise CLIError(f"{path} holds Python objects that weights_only loading refuses; if you trust the "
-                           f"file, rerun with --trust-pickle ({_first_line(error)})", EXIT_INPUT) from None
-        raise CLIError(f"cannot read {path} as a torch file (truncated or corrupt?): {_first_line(error)}",
-                       EXIT_INPUT) from None
+    with input_errors(path):
+        file = open(path, "rb")  # opened here: any file name, and its OSError is an input error
+    with file:
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=not trust_pickle)
+        except OSError as error:
+            raise CLIError(f"cannot read {shown(path)}: {reason(error)}", EXIT_INPUT) from None
+        except Exception as error:  # noqa: BLE001 - any reader failure is a clear input error
+            if "weights only" in str(error).lower() or "weights_only" in str(error):
+                raise CLIError(f"{shown(path)} holds Python objects that weights_only loading refuses; if you "
+                               f"trust the file, rerun with --trust-pickle ({_first_line(error)})",
+                               EXIT_INPUT) from None
+            raise CLIError(f"cannot read {shown(path)} as a torch file (truncated or corrupt?): "
+                           f"{_first_line(error)}", EXIT_INPUT) from None
     inner = obj.state_dict() if isinstance(obj, torch.nn.Module) else obj
     if isinstance(inner, dict) and isinstance(inner.get("state_dict"), dict):
         inner = inner["state_dict"]
     if not isinstance(inner, dict):
-        raise CLIError(f"{path} holds a {type(obj).__name__}, not a state dict", EXIT_INPUT)
+        raise CLIError(f"{shown(path)} holds a {type(obj).__name__}, not a state dict", EXIT_INPUT)
     return {k: v for k, v in inner.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}, obj
 
 
 def sniff_format(path: Path) -> str | None:
     """``"torch"`` or ``"safetensors"`` from the file's first bytes; ``None`` when neither."""
-    with open(path, "rb") as f:
+    with input_errors(path), open(path, "rb") as f:
         head = f.read(9)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive / legacy pickle
         return "torch"
@@ -100,56 +190,46 @@ def sniff_format(path: Path) -> str | None:
     return "safetensors" if path.suffix.lower() == ".safetensors" else None  # e.g. a truncated header
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
-    from safetensors import safe_open
-
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """Every tensor of a safetensors file and its metadata (exit 3 on failure)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with input_errors(path), SafetensorsFile(path) as f:
             return {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
-    except Exception as error:  # noqa: BLE001
-        raise CLIError(f"cannot read {path} as safetensors (truncated or corrupt?): {_first_line(error)}",
+    except ValueError as error:
+        raise CLIError(f"cannot read {shown(path)} as safetensors (truncated or corrupt?): {error}",
                        EXIT_INPUT) from None
 
 
 def save_weights(weights: Weights, out: Path) -> None:
-    """Write ``weights`` (pruned in place) in their input format; other files of a folder are copied."""
-    try:
-        if weights.kind == "torch":
-            _atomic(out, lambda tmp: torch.save(weights.container, tmp))
-            return
-        from safetensors.torch import save_file
+    """Write ``weights`` (pruned in place) in their input format; other files of a folder are copied.
 
-        if weights.kind == "folder":
-            out.mkdir(parents=True, exist_ok=True)
-            for other in weights.path.iterdir():  # config, tokenizer, sub-folders: keep the copy usable
-                if other.is_dir():
-                    shutil.copytree(other, out / other.name, dirs_exist_ok=True)
-                elif other.name not in weights.files:
-                    shutil.copy2(other, out / other.name)
-        for name, container in weights.containers.items():  # torch shards: pruned in place, written whole
-            _atomic(out / name, lambda tmp: torch.save(container, tmp))
+    A file is replaced atomically; a folder is built beside ``out`` and renamed into place at the end,
+    so a failure (exit 5) leaves no partial output.
+    """
+    if weights.kind == "torch":
+        atomic_write(out, lambda tmp: _save_torch(weights.container, tmp))
+        return
+    if weights.kind == "safetensors":
+        keys, metadata = next(iter(weights.files.values()))
+        atomic_write(out, lambda tmp: save_safetensors({k: weights.state_dict[k] for k in keys}, tmp, metadata))
+        return
+    with atomic_folder(out) as folder:
+        with input_errors(weights.path):
+            others = sorted(p for p in weights.path.iterdir()
+                            if p.name not in weights.files and not p.name.startswith(TEMP_PREFIX))
+        for other in others:  # config, tokenizer, index, sub-folders: keep the copy usable
+            copy_into(other, folder / other.name, label=out / other.name)
         for name, (keys, metadata) in weights.files.items():
-            if name in weights.containers:
-                continue
-            target = out / name if weights.kind == "folder" else out
-            tensors = {k: weights.state_dict[k].contiguous() for k in keys}
-            _atomic(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    except OSError as error:
-        raise CLIError(f"cannot write {out}: {error}", EXIT_OUTPUT) from None
+            if name in weights.containers:  # torch shards: pruned in place, written whole
+                atomic_write(folder / name, lambda tmp: _save_torch(weights.containers[name], tmp), label=out / name)
+            else:
+                atomic_write(folder / name, lambda tmp: save_safetensors({k: weights.state_dict[k] for k in keys},
+                                                                         tmp, metadata), label=out / name)
 
 
-def _atomic(target: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file in the target's folder, so a failure leaves no partial file."""
-    if not target.parent.is_dir():
-        raise OSError(f"the folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _save_torch(obj: Any, path: Path) -> None:
+    with open(path, "wb") as file:  # through a Python file, torch's write errors are OSErrors
+        torch.save(obj, file)
 
 
 def _first_line(error: BaseException) -> str:

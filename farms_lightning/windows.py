@@ -1,4 +1,4 @@
-"""The FARMS sampling grid (spec §2) and the convolution blocks (spec §3).
+"""The FARMS sampling grid and the convolution blocks (docs/method.md).
 
 Pure integer geometry: which rows and columns each window covers. No tensors, no math on weights.
 """
@@ -65,7 +65,7 @@ def farms_grid(rows: int, cols: int, window: int, aspect_ratio: float, windows_p
 
 
 def conv_block_shape(rows: int, cols: int, aspect_ratio: float) -> tuple[int, int, int]:
-    """``(block_rows, block_cols, num_blocks)`` of the paper's conv sampling (spec §3).
+    """``(block_rows, block_cols, num_blocks)`` of the paper's conv sampling.
 
     ``rows >= cols`` (kernel-position matrices are transposed to be tall). The expressions are the
     reference's own: ``int(cols // (1 / Q))`` and ``int(cols // Q)`` differ from ``int(cols * Q)``.

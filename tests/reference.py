@@ -1,6 +1,6 @@
-"""An independent float64 NumPy implementation of the spec (``../shared/farms-spec.md``).
+"""An independent float64 NumPy implementation of the method (``docs/method.md``).
 
-Written from the spec's text, deliberately the slow obvious way (per-window SVD, per-candidate loop,
+Written from the method's text, deliberately the slow obvious way (per-window SVD, per-candidate loop,
 ``np.histogram``), and never calling farms_lightning: tests compare the package against it.
 """
 

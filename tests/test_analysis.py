@@ -35,7 +35,8 @@ def small_cnn(seed: int = 0) -> nn.Module:
 
 
 def reference_layer(w: torch.Tensor, esd: str, fit: str, m=100, q=1.0, k=9) -> dict:
-    """Spec-level expectations for one layer: alpha (block mean for convs) and spectral metrics."""
+    """Spec-level expectations for one layer: alpha and ESD metrics (block means for convs), and the
+    whole-matrix metrics from a float64 SVD of the matrix (a conv: its unscaled (out, in*kh*kw) reshape)."""
     w = w.detach().double().numpy()
     if w.ndim > 2:
         spectra = ref.conv_block_eigs(w, q) if esd == "farms" else [ref.conv_full_eigs(w)]
@@ -43,15 +44,16 @@ def reference_layer(w: torch.Tensor, esd: str, fit: str, m=100, q=1.0, k=9) -> d
         spectra = [ref.farms_eigs(w, m, q, k) if esd == "farms" else ref.full_eigs(w)]
     fits = [ref.fit(ev, fit) for ev in spectra]
     out = {"ok": all(f["ok"] for f in fits), "num_evals": sum(f["num_evals"] for f in fits)}
+    sigma2 = np.linalg.svd(w.reshape(w.shape[0], -1), compute_uv=False) ** 2
+    out.update(lambda_max=sigma2[0], norm=np.sum(w * w), stable_rank=np.sum(w * w) / sigma2[0])
     if out["ok"]:
         out["alpha"] = statistics.fmean(f["alpha"] for f in fits)
+        out["alpha_weighted"] = out["alpha"] * np.log10(sigma2[0])
         per_block = []
         for f, ev in zip(fits, spectra):
             ev = ev[ev > 1e-12 * ev[-1]]
             p = ev / ev.sum()
             per_block.append({
-                "lambda_max": ev[-1], "norm": ev.sum(), "stable_rank": ev.sum() / ev[-1],
-                "alpha_weighted": f["alpha"] * np.log10(ev[-1]),
                 "log_alpha_norm": np.log10(np.sum(ev ** f["alpha"])),
                 "entropy": -np.sum(p * np.log(p)) / np.log(len(ev)),
             })

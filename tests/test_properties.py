@@ -3,12 +3,14 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from farms_lightning import analyze
+from farms_lightning.threads import single_threaded_ops
 from farms_lightning.windows import farms_grid
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -33,6 +35,20 @@ def _weights(kind: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.from_numpy(w / math.sqrt(fan_in))
 
 
+def _check_whole_matrix(stats, matrix: torch.Tensor) -> None:
+    """Whole-matrix metrics: exact against a float64 SVD, and 1 <= stable_rank <= min(rows, cols)."""
+    if stats.status == "skipped":
+        assert stats.lambda_max is None and stats.stable_rank is None
+        return
+    x = matrix.detach().double()
+    with single_threaded_ops():  # torch's threaded SVD crawls on busy cores
+        sigma2 = torch.linalg.svdvals(x)[0].item() ** 2
+    assert stats.lambda_max == pytest.approx(sigma2, rel=1e-7)
+    assert stats.norm == pytest.approx((x * x).sum().item(), rel=1e-12)
+    assert 1 <= stats.stable_rank <= min(x.shape)
+    assert stats.log_spectral_norm == pytest.approx(math.log10(sigma2), rel=1e-7, abs=1e-9)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     rows=st.integers(1, 260),
@@ -55,6 +71,7 @@ def test_linear_layers_fit_or_give_a_reason(rows, cols, kind, dtype, window, asp
     stats = analyze(layer, window=window, aspect_ratio=aspect_ratio, windows_per_dim=windows_per_dim, fit=fit,
                     esd=esd)[""]
     assert torch.equal(layer.weight.view(torch.uint8), before.view(torch.uint8))  # bitwise: NaN included
+    _check_whole_matrix(stats, layer.weight)
     assert stats.status in ("ok", "skipped", "failed")
     if stats.status == "ok":
         assert isinstance(stats.alpha, float) and math.isfinite(stats.alpha) and stats.alpha > 1
@@ -88,6 +105,7 @@ def test_conv_layers_fit_or_give_a_reason(out_channels, in_channels, kernel, dim
     before = conv.weight.detach().clone()
     stats = analyze(conv, aspect_ratio=aspect_ratio, esd=esd, fit="median")[""]
     assert torch.equal(conv.weight, before)
+    _check_whole_matrix(stats, conv.weight.reshape(out_channels, -1))  # the unscaled (out, in*k...) reshape
     assert (stats.status == "ok") == (stats.alpha is not None)
     assert stats.status == "ok" or stats.reason
     if stats.status == "ok":
@@ -97,7 +115,7 @@ def test_conv_layers_fit_or_give_a_reason(out_channels, in_channels, kernel, dim
         small = min(out_channels, in_channels)
         if esd == "full":
             per_esd = positions * small
-        else:  # spec §3 block shape, written out independently
+        else:  # the paper's conv block shape, written out independently
             cols = small
             if aspect_ratio <= 1:
                 block_rows, block_cols = cols, int(cols // (1 / aspect_ratio))

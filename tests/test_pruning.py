@@ -1,4 +1,4 @@
-"""AlphaPruning allocation (spec §7) against an independent NumPy computation, and its properties."""
+"""AlphaPruning allocation against an independent NumPy computation, and its properties."""
 
 import math
 

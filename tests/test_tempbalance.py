@@ -1,4 +1,4 @@
-"""TempBalance mapping (spec §6), tuned-layer selection, parameter pairing and the param-group helper."""
+"""TempBalance mapping, tuned-layer selection, parameter pairing and the param-group helper."""
 
 import math
 

@@ -1,4 +1,8 @@
-"""scikit-learn's digits (8x8 images, shipped with the package) and a small CNN, for the examples."""
+"""Helper module for the digits examples (not a script): scikit-learn's digits and a small CNN.
+
+Imported by ``monitor_digits.py`` and ``tempbalance_digits.py``; the 8x8 images ship with
+scikit-learn, so nothing is downloaded.
+"""
 
 from __future__ import annotations
 
