@@ -16,12 +16,13 @@ import platform
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from farms_lightning import analyze
+from farms_lightning import analyze, spectra
+from farms_lightning.functional import fit_power_law
 from farms_lightning.state_dict import model_from_state_dict
 from farms_lightning.threads import single_threaded_ops
 from farms_lightning.windows import farms_grid
@@ -155,6 +156,65 @@ def bare_gram_eigvalsh(model: nn.Module, m: int, k: int, dtype: torch.dtype) -> 
     torch.linalg.eigvalsh(x @ x.mT)
 
 
+def window_stack(model: nn.Module, m: int, k: int) -> list[torch.Tensor]:
+    """Per Linear layer, its ``(windows, m, m)`` FARMS windows (Q = 1) as stored."""
+    out = []
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            w = module.weight.detach()
+            grid = farms_grid(*w.shape, m, 1.0, k)
+            rows = torch.tensor(grid.row_starts)[:, None] + torch.arange(grid.rows)
+            cols = torch.tensor(grid.col_starts)[:, None] + torch.arange(grid.cols)
+            out.append(w[rows[:, None, :, None], cols[None, :, None, :]].reshape(-1, grid.rows, grid.cols))
+    return out
+
+
+def float32_peak_alphas(stacks: list[torch.Tensor], names: list[str], solver: str) -> dict[str, float]:
+    """Peak alphas from float32 eigenvalues: ``svd_loop`` (the published per-window float32
+    ``svdvals``), ``svd_batched`` (the same, one batched call per layer) or ``gram`` (float32 Gram +
+    ``eigvalsh``, the removed float32 mode). The fit is farms_lightning's (float64, exact)."""
+    out = {}
+    for name, x in zip(names, stacks):
+        x32 = x.float()
+        if solver == "svd_loop":
+            ev = torch.cat([torch.linalg.svdvals(window) for window in x32]).square()
+        elif solver == "svd_batched":
+            ev = torch.linalg.svdvals(x32).square()
+        else:
+            ev = torch.linalg.eigvalsh(x32 @ x32.mT).clamp_min(0)
+        out[name] = fit_power_law(ev.reshape(-1).double(), "peak").alpha
+    return out
+
+
+class refinement_disabled:
+    """Within the block no window is re-solved by the float64 SVD (Gram eigenvalues only)."""
+
+    def __enter__(self) -> None:
+        self.saved = spectra.REFINE_RATIO
+        spectra.REFINE_RATIO = -1.0
+
+    def __exit__(self, *exc: object) -> None:
+        spectra.REFINE_RATIO = self.saved
+
+
+def rank_deficient_models() -> Iterator[tuple[str, nn.Module]]:
+    """GPT-2 small's block matrices pruned three ways: zero rows, unstructured 50%, a rank-8 LoRA delta."""
+    torch.manual_seed(0)
+    for kind in ("half the rows zeroed", "50% unstructured magnitude pruning", "rank-8 LoRA delta B·A"):
+        model = gpt2_small_blocks()
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.Linear):
+                    w = module.weight
+                    if kind.startswith("half"):
+                        w[::2] = 0
+                    elif kind.startswith("50%"):
+                        w[w.abs() < w.abs().median()] = 0
+                    else:
+                        w.copy_(torch.randn(w.shape[0], 8) @ torch.randn(8, w.shape[1]) * 0.01)
+        yield kind, model
+
+
 # ------------------------------------------------------------------------------------------- measuring
 
 
@@ -260,9 +320,6 @@ def main() -> None:
         add(f"GPT-2 cv {fit}: published pipeline (svdvals loop + fit loop)", t_pub, mb, dalpha=max_rel_diff(pub, ref))
         t_ours, mb, rep = measure(lambda: analyze(gpt2, fit=fit), r)
         add(f"GPT-2 cv {fit}: farms_lightning analyze", t_ours, mb, t_pub, max_rel_diff(alphas(rep), ref))
-        t_fast, mb, rep = measure(lambda: analyze(gpt2, fit=fit, dtype=torch.float32), r)
-        add(f"GPT-2 cv {fit}: farms_lightning analyze, dtype=float32", t_fast, mb, t_pub,
-            max_rel_diff(alphas(rep), ref))
     t_bare32, mb, _ = measure(lambda: bare_gram_eigvalsh(gpt2, 100, 9, torch.float32), r)
     add("GPT-2 cv windows: bare batched float32 Gram + eigvalsh", t_bare32, mb)
     t_bare64, mb, _ = measure(lambda: bare_gram_eigvalsh(gpt2, 100, 9, torch.float64), r)
@@ -327,9 +384,35 @@ def main() -> None:
     t_res, mb, rep = measure(lambda: analyze(resnet), r)
     add("ResNet-18: farms_lightning analyze (conv mode, median)", t_res, mb, t_train, max_rel_diff(alphas(rep), ref))
 
+    # Cost of the float64 SVD refinement of near-singular windows: rank-deficient inputs.
+    for kind, pruned in rank_deficient_models():
+        with refinement_disabled():
+            t_off, mb, _ = measure(lambda: analyze(pruned), r)
+        add(f"GPT-2 {kind}, cv median: Gram only (refinement disabled)", t_off, mb)
+        t_on, mb, _ = measure(lambda: analyze(pruned), r)
+        add(f"GPT-2 {kind}, cv median: default (with refinement)", t_on, mb, t_off)
+
     # Real MiniLM: analysis per preset and one training step at sequence length 128.
     model, folder = minilm()
     if model is not None:
+        # Refinement cost and float32 alternatives on the MiniLM peak fits (Q = 1, k = 10).
+        linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        for m in (192, 100):
+            settings = dict(window=m, aspect_ratio=1.0, windows_per_dim=10, fit="peak")
+            ref = alphas(analyze(model, "llm", dtype=torch.float64, **settings))
+            t_def, mb, _ = measure(lambda: analyze(model, "llm", **settings), r)
+            add(f"all-MiniLM-L6-v2 window {m}, peak: default (float64 Gram + SVD refinement)", t_def, mb)
+            with refinement_disabled():
+                t_off, mb, rep = measure(lambda: analyze(model, "llm", **settings), r)
+            add(f"all-MiniLM-L6-v2 window {m}, peak: float64 Gram only (refinement disabled)", t_off, mb, t_def,
+                max_rel_diff(alphas(rep), ref))
+            stacks = window_stack(model, m, 10)
+            for solver, label in (("svd_loop", "published per-window float32 svdvals loop"),
+                                  ("svd_batched", "batched float32 svdvals"),
+                                  ("gram", "float32 Gram + eigvalsh (the removed mode)")):
+                t32, mb, got = measure(lambda: float32_peak_alphas(stacks, linear_names, solver), r)
+                add(f"all-MiniLM-L6-v2 window {m}, peak: {label} + fit", t32, mb, t_def, max_rel_diff(got, ref))
+
         for preset in ("cv", "llm"):
             ref = alphas(analyze(model, preset, dtype=torch.float64))
             t, mb, rep = measure(lambda: analyze(model, preset), r)

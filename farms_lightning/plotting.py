@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from farms_lightning.powerlaw import nonzero_eigenvalues
 from farms_lightning.report import FARMSReport
 
 
@@ -51,8 +52,7 @@ def plot_esds(report: FARMSReport, max_layers: int = 16) -> Any:
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
         stats = report[name]
-        ev = report.eigenvalues[name][0].numpy()
-        ev = ev[ev > 1e-12 * ev[-1]]
+        ev = nonzero_eigenvalues(report.eigenvalues[name][0])[0].numpy()  # the values the fit saw
         bins = np.logspace(np.log10(ev[0]), np.log10(ev[-1]), 60)
         density, edges = np.histogram(ev, bins=bins, density=True)
         centers = np.sqrt(edges[1:] * edges[:-1])

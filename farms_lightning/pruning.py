@@ -20,7 +20,8 @@ from farms_lightning.report import FARMSReport
 Alphas = Union[FARMSReport, Mapping[str, Union[float, None]]]
 Blocks = Union[str, Sequence[str], None]
 
-#: The FARMS reference code clips every layer to this sparsity (and so loses the exact mean).
+#: The published FARMS code sets every ratio above 1 to this sparsity (0.99999 when S = 0.7), once,
+#: without rescaling the others (and so loses the exact mean).
 REFERENCE_MAX_SPARSITY = 0.998
 
 
@@ -42,9 +43,10 @@ def alpha_sparsity(
 
     Layers above ``max_sparsity`` are clipped to it and the unclipped layers rescaled, repeatedly,
     until none exceeds it, so the weighted mean stays exactly ``S`` (possible since
-    ``S <= max_sparsity``). The FARMS reference code instead clips to 0.998 once and so prunes less
-    than asked (alphas 2, 3, 6 with counts 1e6, 1e6, 1e5, ``S = 0.8``, ``ε = 0.3`` give 1.30 for
-    the third layer before clipping).
+    ``S <= max_sparsity``). The published FARMS code instead sets only ratios above 1 to 0.998
+    (0.99999 when ``S = 0.7``), once, without rescaling, and so prunes less than asked (alphas
+    2, 3, 6 with counts 1e6, 1e6, 1e5, ``S = 0.8``, ``ε = 0.3`` give 1.30 for the third layer
+    before clipping).
 
     Layers without an alpha (``status`` skipped or failed, or ``None``/NaN in a dict) get ``S`` and
     take no part in the spread, so the overall weighted mean is still ``S``. Layers that share

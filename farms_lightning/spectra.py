@@ -1,12 +1,15 @@
 """Eigenvalues of weight windows, batched: FARMS pooled ESDs and plain full ESDs.
 
 Every window ``X`` gives the ``min(rows, cols)`` eigenvalues of its smaller Gram matrix
-(``X Xᵀ`` or ``Xᵀ X``), i.e. its squared singular values. By default the Gram matrix and its
-eigenvalues are computed in float64 from the weights as stored (bf16/fp16/fp32 upcast exactly):
-measured on real weights, float32 Gram matrices move peak-fit alphas by 10-40%, while a float64 Gram
-of float32 windows matches a float64 SVD to ~1e-14. ``dtype=torch.float32`` is the documented fast,
-less exact mode. Windows of equal shape are solved together, across layers, in memory-bounded chunks,
-on the weights' device. Weights are only read (indexing copies them); no reference is kept.
+(``X Xᵀ`` or ``Xᵀ X``), i.e. its squared singular values, computed in float64 from the weights as
+stored (bf16/fp16/fp32 upcast exactly). A Gram matrix resolves eigenvalues only to a small multiple
+of ``eps·λmax`` of its window, so a window whose spectrum reaches down towards that floor is re-solved
+with a float64 SVD (:data:`REFINE_RATIO`); exact zero rows and columns give exact zero eigenvalues
+and do not count towards that test. Every eigenvalue then equals a float64 SVD's to
+``1e-9·λ + 8·eps·sqrt(λ·λmax)``. ``dtype=torch.float32`` is the published code's precision instead:
+a batched float32 SVD of every window (see :func:`resolve_dtype`).
+Windows of equal shape are solved together, across layers, in memory-bounded chunks, on the weights'
+device. Weights are only read (indexing copies them); no reference is kept.
 """
 
 from __future__ import annotations
@@ -26,8 +29,31 @@ DTypeLike = Union[torch.dtype, str, None]
 CHUNK_ELEMENTS = 1 << 22
 
 
+#: Windows whose smallest (non-structural) Gram eigenvalue is at or below this fraction of their
+#: largest are re-solved with a float64 SVD. A float64 Gram matrix (``XᵀX`` formed, then ``eigvalsh``)
+#: has an absolute error of ``c·eps·λmax`` at its small eigenvalues; measured on the real MiniLM
+#: windows (100², 192², 384²) and Gaussian ones up to 1000², ``c <= 1.2``. Keeping every eigenvalue
+#: to ``1e-9`` relative needs ``λmin/λmax >= c·eps·1e9 ≈ c·2.2e-7``; 1e-6 (``c = 4.5``) leaves a
+#: margin of ~4 (the largest ratio at which a MiniLM window missed the bound unrefined: 1.5e-7).
+REFINE_RATIO = 1e-6
+
+#: Each batch first solves this many windows by Gram + refinement; when most of them needed the
+#: SVD (square windows of trained weights often do), the rest of the batch goes to the SVD directly,
+#: which is then cheaper than a Gram solve followed by an SVD.
+PILOT_WINDOWS = 8
+
+
 def resolve_dtype(dtype: DTypeLike) -> torch.dtype:
-    """The Gram/eigen-solver dtype: float64 unless the fast float32 mode is asked for."""
+    """The eigen-solver dtype: ``None``/``torch.float64``/``"float64"`` (default) or ``torch.float32``.
+
+    float64 gives eigenvalues equal to a float64 SVD's. float32 is the published code's own
+    precision: a batched float32 SVD per window (the same values as the published per-window
+    ``svdvals`` loop), faster than the float64 path on square windows, less exact (MiniLM peak
+    alphas: median 5e-7 but up to 23% off float64).
+
+    Raises:
+        ValueError: any other value.
+    """
     if dtype is None:
         return torch.float64
     if isinstance(dtype, str):
@@ -53,6 +79,8 @@ class WindowSet:
     scale: float = 1.0
     group_by_row_start: bool = False
     pieces: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    #: How many of this set's windows the last solve solved by an SVD (float64: refined).
+    refined_windows: int = 0
 
     @property
     def eigenvalues_per_group(self) -> int:
@@ -90,11 +118,64 @@ class WindowSet:
         return out
 
 
-def gram_eigenvalues(windows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Eigenvalues (ascending, >= 0) of the smaller Gram matrix of each ``(B, r, c)`` window."""
-    x = windows.to(dtype)
+def gram_eigenvalues(windows: torch.Tensor) -> torch.Tensor:
+    """Float64 eigenvalues (ascending, >= 0) of the smaller Gram matrix of each ``(B, r, c)`` window."""
+    x = windows.to(torch.float64)
     gram = x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
     return torch.linalg.eigvalsh(gram).clamp_min_(0)
+
+
+def structural_zeros(windows: torch.Tensor) -> torch.Tensor:
+    """Per window, how many of its ``min(r, c)`` singular values are exactly zero by structure.
+
+    A window with only ``a`` non-zero rows and ``b`` non-zero columns has rank at most ``min(a, b)``.
+    """
+    nonzero = windows != 0
+    rank_bound = torch.minimum(nonzero.any(dim=-1).sum(dim=-1), nonzero.any(dim=-2).sum(dim=-1))
+    return min(windows.shape[-2:]) - rank_bound
+
+
+def svd_eigenvalues(windows: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Squared singular values (ascending, float64) of each ``(B, r, c)`` window, SVD in ``dtype``."""
+    return torch.linalg.svdvals(windows.to(dtype)).flip(-1).to(torch.float64).square()
+
+
+def _gram_refined(windows: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gram eigenvalues; windows whose smallest non-structural one is ``<= REFINE_RATIO·λmax`` by SVD."""
+    ev = gram_eigenvalues(windows)
+    size = ev.shape[-1]
+    ev[torch.arange(size, device=ev.device) < zeros[:, None]] = 0.0
+    smallest = ev.gather(1, zeros.clamp(max=size - 1)[:, None]).squeeze(1)
+    refine = (smallest <= REFINE_RATIO * ev[:, -1]) & (zeros < size)
+    if bool(refine.any()):
+        ev[refine] = svd_eigenvalues(windows[refine])
+    return ev, refine
+
+
+def window_eigenvalues(windows: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending, float64) of each ``(B, r, c)`` window, and which were solved by SVD.
+
+    float64: Gram eigenvalues, with windows whose smallest non-structural eigenvalue is
+    ``<= REFINE_RATIO·λmax`` re-solved by a batched float64 SVD (a batch whose first
+    ``PILOT_WINDOWS`` mostly needed it goes to the SVD directly), so every value equals a float64
+    SVD's to ``1e-9·λ + 8·eps·sqrt(λ·λmax)``. float32: a batched float32 SVD of every window. In
+    both, the :func:`structural_zeros` of each window are exactly 0.
+    """
+    size = min(windows.shape[-2:])
+    zeros = structural_zeros(windows)
+    if dtype == torch.float32:
+        ev, svd = svd_eigenvalues(windows, torch.float32), torch.ones(len(windows), dtype=torch.bool)
+    else:
+        ev, svd = _gram_refined(windows[:PILOT_WINDOWS], zeros[:PILOT_WINDOWS])
+        if len(windows) > PILOT_WINDOWS:
+            rest = windows[PILOT_WINDOWS:]
+            if 2 * int(svd.sum()) > len(svd):
+                ev_rest, svd_rest = svd_eigenvalues(rest), torch.ones(len(rest), dtype=torch.bool)
+            else:
+                ev_rest, svd_rest = _gram_refined(rest, zeros[PILOT_WINDOWS:])
+            ev, svd = torch.cat([ev, ev_rest]), torch.cat([svd.cpu(), svd_rest.cpu()])
+    ev[torch.arange(size, device=ev.device) < zeros.to(ev.device)[:, None]] = 0.0
+    return ev, svd.cpu()
 
 
 def compute_spectra(
@@ -110,6 +191,7 @@ def compute_spectra(
     by_shape: dict[tuple, list[tuple[WindowSet, torch.Tensor]]] = defaultdict(list)
     for ws in window_sets:
         ws.pieces = defaultdict(list)
+        ws.refined_windows = 0
         key = (ws.grid.rows, ws.grid.cols, ws.matrices.device)
         by_shape[key].append((ws, ws.window_index()))
     workers = workers or torch.get_num_threads()
@@ -135,27 +217,29 @@ def compute_spectra(
         if pending:
             batches.append(pending)
         any_cpu = any_cpu or device.type == "cpu"
-    for pending, ev in zip(batches, _solve_batches(batches, solver_dtype, workers if any_cpu else 1)):
-        _distribute(pending, ev)
+    for pending, (ev, refined) in zip(batches, _solve_batches(batches, solver_dtype, workers if any_cpu else 1)):
+        _distribute(pending, ev, refined)
     return [ws.eigenvalues() for ws in window_sets]
 
 
 def _solve_batches(
     batches: list[list[tuple[WindowSet, torch.Tensor]]], dtype: torch.dtype, workers: int
-) -> list[torch.Tensor]:
-    """Eigenvalues of every batch (float64, CPU); CPU batches run on a pool of single-op threads."""
-    def solve(pending: list[tuple[WindowSet, torch.Tensor]]) -> torch.Tensor:
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Eigenvalues (float64, CPU) and refined-window masks of every batch; CPU batches run on a pool."""
+    def solve(pending: list[tuple[WindowSet, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         windows = torch.cat([ws.extract(index) for ws, index in pending])
-        return gram_eigenvalues(windows, dtype).to(device="cpu", dtype=torch.float64)
+        ev, refined = window_eigenvalues(windows, dtype)
+        return ev.to(device="cpu"), refined.cpu()
 
     with single_threaded_ops():
         return parallel_map(solve, batches, workers)
 
 
-def _distribute(pending: list[tuple[WindowSet, torch.Tensor]], ev: torch.Tensor) -> None:
+def _distribute(pending: list[tuple[WindowSet, torch.Tensor]], ev: torch.Tensor, refined: torch.Tensor) -> None:
     offset = 0
     for ws, index in pending:
         block = ev[offset:offset + len(index)]
+        ws.refined_windows += int(refined[offset:offset + len(index)].sum())
         offset += len(index)
         if not ws.group_by_row_start:
             ws.pieces[0].append(block.reshape(-1))
@@ -186,7 +270,8 @@ def farms_eigenvalues(
         window: window rows ``m`` (clamped to fit the matrix).
         aspect_ratio: ``Q = cols / rows`` of a window; window cols are ``int(m * Q)``.
         windows_per_dim: ``k`` window starts per dimension (``k x k`` windows at most).
-        dtype: ``None`` (float64 Gram matrices, exact) or ``torch.float32`` (fast, less exact).
+        dtype: ``None``/``torch.float64`` (equal to a float64 SVD) or ``torch.float32`` (the
+            published code's float32 SVD, batched: faster, less exact).
 
     Returns:
         A 1-D float64 CPU tensor; empty when the matrix cannot hold a 2 x 2 window.

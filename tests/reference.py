@@ -69,7 +69,7 @@ def _drop_zeros(ev: np.ndarray) -> tuple[np.ndarray, int]:
     ev = np.sort(np.asarray(ev, dtype=np.float64))
     if len(ev) == 0:
         return ev, 0
-    keep = ev[ev > 1e-12 * ev[-1]]
+    keep = ev[ev > 1e-24 * ev[-1]]  # numerical zeros only: singular values below 1e-12·σmax
     return keep, len(ev) - len(keep)
 
 
@@ -139,3 +139,66 @@ def block_diagonal_conv_full_eigs(w: np.ndarray, groups: int) -> np.ndarray:
             dense[g * size:(g + 1) * size, g * per_group:(g + 1) * per_group] = flat[g * size:(g + 1) * size, :, p]
         evs.append(full_eigs(math.sqrt(0.5) * dense)[-min(out, per_group * groups):])
     return np.sort(np.concatenate(evs))
+
+
+# ------------------------------------------------------------------ the published method, in float64
+
+
+def farms_eigs_exact_zeros(w: np.ndarray, m: int, q: float, k: int) -> tuple[np.ndarray, int]:
+    """Pooled window λ with each window's structural zeros exact: the SVD of the window with its
+    zero rows and columns removed, padded with zeros to ``min(m, n)`` values. Returns (λ, zeros)."""
+    w = np.asarray(w, dtype=np.float64)
+    rows, cols = w.shape
+    m = min(m, rows, math.floor(cols / q))
+    n = int(m * q)
+    evs, zeros = [], 0
+    for r in grid_starts(rows, m, k):
+        for c in grid_starts(cols, n, k):
+            x = w[r:r + m, c:c + n]
+            x = x[np.any(x != 0, axis=1)][:, np.any(x != 0, axis=0)]
+            s = np.linalg.svd(x, compute_uv=False) ** 2 if x.size else np.empty(0)
+            zeros += min(m, n) - len(s)
+            evs.append(np.concatenate([np.zeros(min(m, n) - len(s)), s]))
+    return np.sort(np.concatenate(evs)), zeros
+
+
+def published_peak_alpha(ev: np.ndarray) -> float:
+    """The published FARMS-LLM / AlphaPruning ``xmin_peak`` fit, transcribed to NumPy float64.
+
+    Only exact zeros are removed (the published code keeps everything; it would take ln 0). As
+    published: candidates ``log10(0.95·peak) <= λ_i <= 1.5·peak`` (i <= N-2) around the fullest of
+    100 log10 bins; ``alpha_i = 1 + n / (Σ_{j≥i} ln λ_j − n ln λ_i)``; alphas default to 0 and
+    distances to 1, a candidate with alpha <= 1 keeps D = 1, the first minimum of D wins (so with no
+    usable candidate this returns 0, as the published code does).
+
+    Speed-up, exact: ``D_i`` is a maximum over the tail, so its maximum over every 64th tail point is
+    a lower bound. Candidates are evaluated in order of that bound and the loop stops once the bound
+    exceeds the best exact ``D`` found: no skipped candidate can have a smaller (or equal) ``D``.
+    """
+    nz = np.sort(np.asarray(ev, dtype=np.float64))
+    nz = nz[nz > 0]
+    n_all = len(nz)
+    counts, edges = np.histogram(np.log10(nz), bins=100)
+    peak = 10 ** edges[np.argmax(counts)]
+    lo, hi = np.log10(0.95 * peak), 1.5 * peak
+    logs = np.log(nz)
+    suffix = np.cumsum(logs[::-1])[::-1]  # Σ_{j≥i} ln λ_j
+    alphas, ds = np.zeros(n_all - 1), np.ones(n_all - 1)
+    candidates = [i for i in range(n_all - 1) if lo <= nz[i] <= hi]
+    for i in candidates:
+        n = n_all - i
+        alphas[i] = 1 + n / (suffix[i] - n * logs[i])
+
+    def deviation(i: int, t: np.ndarray) -> np.ndarray:
+        n = n_all - i
+        return np.abs(1 - np.exp((1 - alphas[i]) * (logs[i + t] - logs[i])) - t / n)
+
+    usable = [i for i in candidates if alphas[i] > 1]
+    bounds = {i: float(np.max(deviation(i, np.arange(0, n_all - i, 64)))) for i in usable}
+    best = math.inf
+    for i in sorted(usable, key=lambda j: (bounds[j], j)):
+        if bounds[i] > best:
+            break
+        ds[i] = float(np.max(deviation(i, np.arange(n_all - i))))
+        best = min(best, ds[i])
+    return float(alphas[np.argmin(ds)])

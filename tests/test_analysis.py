@@ -51,7 +51,7 @@ def reference_layer(w: torch.Tensor, esd: str, fit: str, m=100, q=1.0, k=9) -> d
         out["alpha_weighted"] = out["alpha"] * np.log10(sigma2[0])
         per_block = []
         for f, ev in zip(fits, spectra):
-            ev = ev[ev > 1e-12 * ev[-1]]
+            ev = ref._drop_zeros(ev)[0]  # the same numerical-zero rule as the fit
             p = ev / ev.sum()
             per_block.append({
                 "log_alpha_norm": np.log10(np.sum(ev ** f["alpha"])),
@@ -113,13 +113,16 @@ def test_bad_layers_get_a_reason_never_an_exception():
     model = nn.ModuleDict({
         "nan": nn.Linear(200, 200), "zeros": nn.Linear(200, 200), "tiny": nn.Linear(3, 3),
         "thin": nn.Linear(100000, 1), "orthogonal": nn.Linear(64, 64), "lazy": nn.LazyLinear(10),
-        "meta": nn.Linear(50, 50, device="meta"), "low_rank": nn.Linear(100, 100), "good": nn.Linear(200, 200),
+        "meta": nn.Linear(50, 50, device="meta"), "low_rank": nn.Linear(100, 100, dtype=torch.float64), "good": nn.Linear(200, 200),
     })
     with torch.no_grad():
         model["nan"].weight[3, 4] = math.nan
         model["zeros"].weight.zero_()
         nn.init.orthogonal_(model["orthogonal"].weight)
-        model["low_rank"].weight.copy_(torch.randn(100, 30, generator=g) @ torch.randn(30, 100, generator=g))
+        # Rank 30 stored in float64: 70 singular values are SVD noise (in float32 the rounding residue
+        # would be a genuine, kept part of the stored matrix).
+        model["low_rank"].weight.copy_(torch.randn(100, 30, generator=g, dtype=torch.float64)
+                                       @ torch.randn(30, 100, generator=g, dtype=torch.float64))
     report = analyze(model)
     status = {name: (s.status, s.reason) for name, s in report.items()}
     assert status["nan"] == ("skipped", "non-finite weights")
