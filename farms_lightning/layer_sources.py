@@ -101,8 +101,9 @@ def lora_reader(module: nn.Module, mode: str) -> Reader:
     """The effective weight ``W + Σ scaling·B@A`` of the active adapters (``"merged"``), or ``Σ scaling·B@A``.
 
     Deltas come from peft's own ``get_delta_weight`` (which handles ``fan_in_fan_out`` and conv
-    LoRA) and have the base weight's stored layout. Adapters already merged into the base weight
-    are not added twice; with the adapters disabled, the merged ones are taken out again (the weight
+    LoRA) and have the base weight's stored layout; ``"delta"`` is computed in float64 (float32
+    rounding of ``B@A`` would give the update a full rank of noise). Adapters already merged into the
+    base weight are not added twice; with the adapters disabled, the merged ones are taken out again (the weight
     the forward pass uses).
     """
     def read() -> torch.Tensor:
@@ -110,13 +111,32 @@ def lora_reader(module: nn.Module, mode: str) -> Reader:
             base: torch.Tensor = lora_base(module).weight.detach()  # type: ignore[operator]
             adapters = lora_adapters(module)
             merged = set(getattr(module, "merged_adapters", []) or [])
+            if mode == "delta":  # in float64: the update's rank stays r (float32 rounding fills the rest)
+                total = torch.zeros(base.shape, dtype=torch.float64, device=base.device)
+                return sum((_float64_delta(module, a) for a in adapters), total)
             delta = {a: module.get_delta_weight(a).detach().to(base.dtype) for a in adapters}  # type: ignore[operator]
-            if mode == "delta":
-                return sum(delta.values(), torch.zeros_like(base))
             if getattr(module, "disable_adapters", False):
                 return base - sum((d for a, d in delta.items() if a in merged), torch.zeros_like(base))
             return base + sum((d for a, d in delta.items() if a not in merged), torch.zeros_like(base))
     return read
+
+
+def _float64_delta(module: nn.Module, adapter: str) -> torch.Tensor:
+    """peft's ``get_delta_weight`` evaluated on float64 copies of the adapter's weights.
+
+    The copies are put in place of the adapter's parameters for the call only; the original
+    ``Parameter`` objects are put back, untouched, whatever happens.
+    """
+    holders = [getattr(module, name)[adapter] for name in ("lora_A", "lora_B")
+               if isinstance(getattr(module, name, None), nn.ModuleDict) and adapter in getattr(module, name)]
+    saved = [(h, h._parameters["weight"]) for h in holders if h._parameters.get("weight") is not None]
+    try:
+        for holder, weight in saved:
+            holder._parameters["weight"] = nn.Parameter(weight.detach().double(), requires_grad=False)  # type: ignore[union-attr]
+        return module.get_delta_weight(adapter).detach().double()  # type: ignore[operator]
+    finally:
+        for holder, weight in saved:
+            holder._parameters["weight"] = weight
 
 
 def lora_trainable_parameters(module: nn.Module) -> list[torch.Tensor]:

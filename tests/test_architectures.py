@@ -315,7 +315,9 @@ def test_lora_layers_are_analysed_as_their_effective_weight():
         delta = analyze(model, lora="delta", esd="full", min_eigenvalues=5)[name]
         assert delta.num_evals == 8 and delta.num_dropped == 120  # rank r = 8 of 128
         assert delta.alpha == pytest.approx(ref.fit(ref.full_eigs((2.0 * b @ a).numpy()), min_evals=5)["alpha"], rel=1e-6)
+    params = {name: (p, p.dtype) for name, p in model.named_parameters()}
     rank_limited = analyze(model, lora="delta", esd="full")["query"]  # rank 8 < min_eigenvalues=10
+    assert all(p is params[n][0] and p.dtype == params[n][1] for n, p in model.named_parameters())
     assert rank_limited.status == "failed" and rank_limited.num_evals == 8, rank_limited.reason
     merged = copy.deepcopy(model).merge_and_unload()
     assert analyze(merged)["query"].alpha == pytest.approx(report["query"].alpha, rel=1e-5)
