@@ -1,6 +1,6 @@
 """Helper module for the digits examples (not a script): scikit-learn's digits and a small CNN.
 
-Imported by ``monitor_digits.py`` and ``tempbalance_digits.py``; the 8x8 images ship with
+Imported by ``monitor_digits.py``, ``tempbalance_digits.py`` and ``tune_optuna.py``; the 8x8 images ship with
 scikit-learn, so nothing is downloaded.
 """
 

@@ -1,7 +1,8 @@
 """Train a small CNN on scikit-learn's digits with FARMSCallback and a TensorBoardLogger.
 
-Run: python examples/monitor_digits.py [--epochs 10] [--logdir farms_logs]
-Then: tensorboard --logdir farms_logs   (scalars farms/alpha/<layer>, farms/alpha_mean, histograms, figures)
+Run: python examples/monitor_digits.py [--epochs 10] [--logdir farms_logs] [--heatmap docs/alpha_heatmap.png]
+Then: tensorboard --logdir farms_logs   ("Custom Scalars": one chart per metric with every layer;
+"Scalars": farms/alpha/<layer>, farms/alpha_mean, ...; "Histograms"; "Images": farms/alpha_heatmap, ESDs)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--logdir", default="farms_logs")
+    parser.add_argument("--heatmap", help="also save the alpha heatmap of the whole run as this PNG")
     args = parser.parse_args()
     # Imported after the arguments, so that --help answers at once.
     import lightning.pytorch as pl
@@ -43,6 +45,13 @@ def main() -> None:
     print(f"\ntest accuracy {result['test_acc']:.3f}")
     print("alpha_mean per analysis:", ", ".join(f"{h['summary']['alpha_mean']:.3f}" for h in farms.history))
     print(f"TensorBoard logs: {os.path.abspath(logger.log_dir)}  (tensorboard --logdir {args.logdir})")
+    if args.heatmap:
+        from farms_lightning.history import heatmap_metric
+        from farms_lightning.plotting import plot_history
+
+        fig, _ = plot_history(farms.history, heatmap_metric(farms.history))  # as farms/alpha_heatmap
+        fig.savefig(args.heatmap, dpi=110)
+        print(f"heatmap: {args.heatmap}")
 
 
 if __name__ == "__main__":

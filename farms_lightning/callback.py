@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-import os
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
@@ -14,15 +10,17 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from farms_lightning import dashboard
 from farms_lightning.analysis import resolve_settings
 from farms_lightning.distributed import analyze_distributed
 from farms_lightning.esd_metrics import METRIC_NAMES
 from farms_lightning.layers import discover_layers, renamed_layers, validate_discovery_args
+from farms_lightning.history import HISTORY_FORMATS, heatmap_metric, history_entry, history_path, report_scalars
+from farms_lightning.history import write_history
 from farms_lightning.report import FARMSReport
 
 #: Per-layer statistics that can be logged as scalars.
 LOGGABLE_METRICS = ("alpha", "xmin", "D", "num_evals", *METRIC_NAMES)
-HISTORY_FORMATS = ("json", "csv")
 UNSUPPORTED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLAFSDP")
 
 
@@ -30,11 +28,15 @@ class FARMSCallback(Callback):
     r"""Compute FARMS statistics of every weight matrix during training and log them.
 
     By default the model is analysed before training (``on_train_start``; not repeated on resume)
-    and at the end of every training epoch, never during validation or sanity checks. Per-layer
+    and once per training epoch, from the weights the epoch ended with: at the start of the
+    validation that ends the epoch (before any callback swaps averaged weights in, and before
+    ``EarlyStopping``, ``ModelCheckpoint`` or Optuna's pruning callback read their monitor), or at
+    ``on_train_epoch_end`` when no validation ends the epoch. Never in sanity checks. Per-layer
     scalars (``farms/alpha/<layer>``, ...) and the model summary (``farms/alpha_mean``, ...,
     ``farms/time_s``) go through ``pl_module.log`` on every rank, so they reach every logger and
-    ``trainer.callback_metrics`` (monitorable by ``EarlyStopping``/``ModelCheckpoint``). TensorBoard
-    also gets a histogram of the layer alphas and, optionally, ESD and alpha-per-layer figures.
+    ``trainer.callback_metrics``. TensorBoard also gets a custom-scalars layout (one chart per
+    metric with all layers), a histogram of the layer alphas and, with ``log_figures``, ESD,
+    alpha-per-layer and ``alpha_heatmap`` figures (figures also go to MLflow, W&B and Comet).
     Under DDP the layers are split across ranks and the results gathered (one collective).
 
     Args:
@@ -47,10 +49,12 @@ class FARMSCallback(Callback):
         log_metrics: per-layer statistics logged as scalars (among ``LOGGABLE_METRICS``).
         log_summary: log the model summary scalars and ``time_s``.
         log_histogram: log a TensorBoard histogram of the layer alphas.
-        log_figures: log TensorBoard figures (needs matplotlib).
+        log_figures: log figures (needs matplotlib) to every logger that takes images.
         print_summary: print the last analysis as a table at the end of fit (rank zero).
-        save_history: also write the history as ``"json"`` or ``"csv"`` into the log dir.
-        prefix: the first component of every logged key.
+        save_history: also write the history as ``"json"`` or ``"csv"`` into the log dir
+            (``<prefix>_history.<format>``).
+        prefix: the first component of every logged key, and the TensorBoard layout category; two
+            callbacks with different prefixes (e.g. different presets) can run side by side.
         split_qkv, lora: how fused q/k/v projections and PEFT LoRA layers are analysed, as for
             :func:`farms_lightning.analyze`.
 
@@ -160,9 +164,18 @@ class FARMSCallback(Callback):
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and self._last_step("step") != step:
             self._run(trainer, pl_module, "step", trainer.current_epoch, step, log_now=False, on_step=True)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The validation that ends a due epoch: analyse now, so that monitors reading `callback_metrics`
+        # in this validation (EarlyStopping, ModelCheckpoint, Optuna pruning) get this epoch's value,
+        # and before `on_validation_epoch_start`, where weight-averaging callbacks swap weights in.
+        if self._epoch_training_done(trainer):
+            with torch.inference_mode(False):  # the analysis is the same as outside validation
+                self._run(trainer, pl_module, "epoch", trainer.current_epoch, trainer.global_step, log_now=False)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._epoch_due(trainer.current_epoch):
-            self._run(trainer, pl_module, "epoch", trainer.current_epoch, trainer.global_step, log_now=False)
+        epoch = trainer.current_epoch  # no validation ended this epoch (or it had no due analysis)
+        if self._epoch_due(epoch) and not self._analysed_epoch(epoch):
+            self._run(trainer, pl_module, "epoch", epoch, trainer.global_step, log_now=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.print_summary and self.last_report is not None:
@@ -172,8 +185,9 @@ class FARMSCallback(Callback):
         pending = self._pending
         trainer = self._trainer
         if pending is None and trainer is not None and self._epoch_training_done(trainer):
-            # A checkpoint saved in the validation that ends an epoch precedes on_train_epoch_end:
-            # remember the due analysis so that a resumed run makes it from the same weights.
+            # A checkpoint saved during the validation that ends an epoch before this callback's
+            # on_validation_start analysed it (e.g. by a callback's own on_validation_start): remember
+            # the due analysis so that a resumed run makes it first, from the same weights.
             pending = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         return {"history": self.history, "pending": pending}
 
@@ -199,14 +213,17 @@ class FARMSCallback(Callback):
     def _last_step(self, stage: str) -> int | None:
         return next((h["step"] for h in reversed(self.history) if h["stage"] == stage), None)
 
+    def _analysed_epoch(self, epoch: int) -> bool:
+        return any(h["stage"] == "epoch" and h["epoch"] == epoch for h in self.history)
+
     def _epoch_training_done(self, trainer: pl.Trainer) -> bool:
+        """In the validation that ends a training epoch whose due analysis is not made yet."""
         if not trainer.validating or trainer.sanity_checking or trainer.state.fn != "fit":
             return False
         epoch = trainer.current_epoch
-        done = any(h["stage"] == "epoch" and h["epoch"] == epoch for h in self.history)
         progress = trainer.fit_loop.epoch_loop.batch_progress
         finished = progress.is_last_batch or progress.current.ready >= trainer.num_training_batches
-        return finished and self._epoch_due(epoch) and not done
+        return finished and self._epoch_due(epoch) and not self._analysed_epoch(epoch)
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, epoch: int, step: int,
              log_now: bool, on_step: bool = False) -> None:
@@ -214,8 +231,7 @@ class FARMSCallback(Callback):
             pl_module, self.settings, self.include, self.exclude, self.layer_types, keep_eigenvalues=self.log_figures,
             frozen_cache=None if self.log_figures else self._frozen_cache, split_qkv=self.split_qkv, lora=self.lora)
         self.last_report = report
-        entry = {"stage": stage, "epoch": epoch, "step": step, "time_s": elapsed,
-                 "summary": dict(report.summary), "layers": report.to_rows()}
+        entry = history_entry(report, stage, epoch, step, elapsed)
         self.history.append(entry)
         self._warn_bad_layers(report)
         self._on_report(trainer, pl_module, report, entry)
@@ -238,20 +254,14 @@ class FARMSCallback(Callback):
         """Subclasses act on a new analysis here (before its scalars are logged)."""
 
     def _scalars(self, report: FARMSReport, elapsed: float) -> dict[str, float]:
-        scalars: dict[str, float] = {}
-        for stats in report.layers:
-            if stats.status != "ok":
-                continue
-            for metric in self.log_metrics:
-                value = getattr(stats, metric)
-                if value is not None:
-                    scalars[f"{self.prefix}/{metric}/{stats.name or '(model)'}"] = float(value)
-        if self.log_summary:
-            for key, value in report.summary.items():
-                if not (isinstance(value, float) and math.isnan(value)):  # NaN would trip monitors
-                    scalars[f"{self.prefix}/{key}"] = float(value)
-            scalars[f"{self.prefix}/time_s"] = elapsed
-        return scalars
+        return report_scalars(report, self.prefix, self.log_metrics, self.log_summary, elapsed)
+
+    def _layout_per_layer(self, report: FARMSReport) -> dict[str, list[str]]:
+        """Per-layer metric -> the layers charted together in the TensorBoard layout: every layer fitted
+        in some analysis so far, in model order (a layer never fitted has no scalar to chart)."""
+        fitted = {row["name"] for entry in self.history for row in entry["layers"] if row["status"] == "ok"}
+        names = [s.name for s in report.layers if s.name in fitted]
+        return {metric: names for metric in self.log_metrics}
 
     def _warn_bad_layers(self, report: FARMSReport) -> None:
         for stats in report.layers:
@@ -263,29 +273,21 @@ class FARMSCallback(Callback):
     @rank_zero_only
     def _log_rank_zero(self, trainer: pl.Trainer, report: FARMSReport, step: int, folder: str | None) -> None:
         if folder is not None:
-            self._write_history(folder)
-        tensorboards = [lg for lg in trainer.loggers if type(lg).__name__ == "TensorBoardLogger"]
+            write_history(self.history, history_path(folder, self.prefix, str(self.save_history)))
         alphas = report.alphas
-        for logger in tensorboards:
+        summary_keys = list(report.summary) if self.log_summary else []
+        charts = dashboard.layout_charts(self.prefix, self._layout_per_layer(report), summary_keys, self.log_summary)
+        for logger in trainer.loggers:
+            if not dashboard.is_tensorboard(logger):
+                continue
             writer = logger.experiment  # type: ignore[attr-defined]  # a TensorBoardLogger's SummaryWriter
+            dashboard.add_layout(writer, self.prefix, charts)
             if self.log_histogram and alphas:
                 writer.add_histogram(f"{self.prefix}/alpha_histogram", torch.tensor(list(alphas.values())), step)
-            if self.log_figures and alphas:
-                from farms_lightning.plotting import plot_alphas, plot_esds
+        if self.log_figures and alphas and any(dashboard.takes_images(lg) for lg in trainer.loggers):
+            from farms_lightning.plotting import plot_alphas, plot_esds, plot_history
 
-                writer.add_figure(f"{self.prefix}/esd", plot_esds(report), step, close=True)
-                writer.add_figure(f"{self.prefix}/alpha_per_layer", plot_alphas(alphas)[0], step, close=True)
-
-    def _write_history(self, folder: str) -> None:
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"farms_history.{self.save_history}")
-        if self.save_history == "json":
-            with open(path, "w") as f:
-                json.dump(self.history, f, indent=1)
-            return
-        rows = [{"stage": h["stage"], "epoch": h["epoch"], "step": h["step"], **row}
-                for h in self.history for row in h["layers"]]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["stage", "epoch", "step"])
-            writer.writeheader()
-            writer.writerows(rows)
+            dashboard.log_figure(trainer.loggers, f"{self.prefix}/esd", plot_esds(report), step)
+            dashboard.log_figure(trainer.loggers, f"{self.prefix}/alpha_per_layer", plot_alphas(alphas)[0], step)
+            heatmap = plot_history(self.history, heatmap_metric(self.history))[0]
+            dashboard.log_figure(trainer.loggers, f"{self.prefix}/alpha_heatmap", heatmap, step)

@@ -37,7 +37,9 @@ from farms_lightning.safe_io import (
     EXIT_OUTPUT,
     EXIT_USAGE,
     CLIError,
+    atomic_write,
     check_output,
+    input_errors,
     shown,
     write_stdout,
     write_text,
@@ -60,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         $ farms-lightning analyze model.safetensors --fit peak --format json --output alphas.json
         $ farms-lightning prune last.ckpt --sparsity 0.5 --allocation alpha --output pruned.ckpt
+        $ farms-lightning plot lightning_logs/version_0/farms_history.json --output heatmap.png
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -109,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     prune_cmd.add_argument("--format", choices=FORMATS, default="table", help="format of the per-layer report")
     _add_engine(prune_cmd, preset="llm")
     prune_cmd.set_defaults(command=run_prune)
+
+    plot_cmd = commands.add_parser("plot", help="heatmap of a training history (layers x analyses) as an image",
+                                   usage="%(prog)s HISTORY --output IMAGE [options]")
+    plot_cmd.add_argument("path", type=Path, help="a history written by save_history: <prefix>_history.json or .csv")
+    plot_cmd.add_argument("--metric", default="auto",
+                          help="row key to colour by (default auto: alpha_delta when the history has a random "
+                               "baseline, else alpha)")
+    plot_cmd.add_argument("--output", "-o", type=Path, required=True,
+                          help="the image; its suffix picks the format (.png, .pdf, .svg)")
+    plot_cmd.set_defaults(command=run_plot)
     name_subcommands(commands)  # after every add_parser: errors name the subcommand
     return parser
 
@@ -196,6 +209,32 @@ def run_prune(args: argparse.Namespace) -> int:
     meta = {"method": "magnitude", "allocation": args.allocation, "sparsity": args.sparsity, "achieved": mean,
             "output": shown(out)}
     write_stdout(format_rows(rows, args.format, summary, f"{shown(args.path)}: pruning {len(rows)} matrices", meta))
+    return EXIT_OK
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from farms_lightning.history import heatmap_metric, load_history
+
+    check_output(args.output, [args.path])
+    with input_errors(args.path):
+        try:
+            history = load_history(args.path)
+        except (ValueError, KeyError, UnicodeDecodeError) as error:
+            raise CLIError(f"cannot read a history from {shown(args.path)}: {_first_line(error)}", EXIT_INPUT) from None
+    if not history:
+        raise CLIError(f"{shown(args.path)} holds no analysis", EXIT_EMPTY)
+    try:
+        from farms_lightning.plotting import plot_history
+    except ModuleNotFoundError as error:
+        raise CLIError(str(error), EXIT_INTERNAL) from None
+    with _usage_errors():
+        fig, _ = plot_history(history, heatmap_metric(history) if args.metric == "auto" else args.metric)
+    fmt = args.output.suffix.lstrip(".").lower() or "png"
+    try:
+        atomic_write(args.output, lambda tmp: fig.savefig(tmp, format=fmt, dpi=110))
+    except ValueError as error:  # a format matplotlib does not write
+        raise CLIError(f"cannot write {shown(args.output)}: {_first_line(error)}", EXIT_USAGE) from None
+    write_stdout(f"wrote {shown(args.output)}: {len(history)} analyses\n")
     return EXIT_OK
 
 

@@ -154,6 +154,10 @@ class FARMSLRBalancer(FARMSCallback):
         scalars.update({f"{self.prefix}/lr_factor/{name}": f for name, f in self.lr_factors.items()})
         return scalars
 
+    def _layout_per_layer(self, report: FARMSReport) -> dict[str, list[str]]:
+        tuned = list(self.lr_factors)
+        return {**super()._layout_per_layer(report), "lr_factor": tuned, **({"lr": tuned} if self.log_lr else {})}
+
     def _warn_mixed_group(self, optimizer: int, group: int) -> None:
         self._warn_once(f"group {optimizer}/{group}",
                         f"FARMSLRBalancer: param group {group} of optimizer {optimizer} holds parameters with "

@@ -1,12 +1,15 @@
-"""Figures of a report (optional, needs matplotlib): pooled ESDs with their fits, alphas per layer."""
+"""Figures (optional, needs matplotlib): pooled ESDs with their fits, alphas per layer, and a heatmap
+of a metric over the whole training history (layers x analyses)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+import os
+from typing import Any, Mapping, Union
 
 import numpy as np
 
+from farms_lightning.history import History, history_matrix, load_history
 from farms_lightning.powerlaw import nonzero_eigenvalues
 from farms_lightning.report import FARMSReport
 
@@ -32,6 +35,7 @@ def plot_alphas(alphas: Mapping[str, float], ax: Any = None) -> tuple[Any, Any]:
     ax.bar(range(len(names)), [alphas[n] for n in names], color="tab:blue")
     ax.axhspan(2.0, 6.0, color="tab:green", alpha=0.1, label="2 ≤ alpha ≤ 6")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_xlabel("layer (model order)")
     ax.set_ylabel("alpha")
     ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
@@ -64,6 +68,52 @@ def plot_esds(report: FARMSReport, max_layers: int = 16) -> Any:
         ax.loglog(tail, fraction * (alpha - 1) / xmin * (tail / xmin) ** (-alpha), "r-", lw=1.2,
                   label=f"alpha={alpha:.2f}")
         ax.set_title(name or "(model)", fontsize=8)
+        ax.set_xlabel("eigenvalue λ", fontsize=7)
+        ax.set_ylabel("density", fontsize=7)
         ax.legend(fontsize=6)
     fig.tight_layout()
     return fig
+
+
+def plot_history(history_or_path: Union[History, str, os.PathLike], metric: str = "alpha", ax: Any = None
+                 ) -> tuple[Any, Any]:
+    """Heatmap of ``metric`` over a training history: layers (rows, model order) x analyses (columns,
+    ``init`` = before training, ``e<N>`` = end of epoch N, ``s<N>`` = after step N).
+
+    ``history_or_path`` is ``callback.history`` or a file written by ``save_history`` (JSON or CSV).
+    ``metric`` is any numeric row key (``"alpha"``, ``"alpha_delta"``, ``"stable_rank"``, ...);
+    differences from a baseline (``alpha_delta``) get a diverging colour map centred on zero. Cells
+    without a value (a layer not fitted in that analysis) are grey.
+
+    Raises:
+        ValueError: an empty history or a metric its rows do not hold.
+
+    Example::
+
+        >>> fig, ax = plot_history("lightning_logs/version_0/farms_history.json")
+        >>> fig.savefig("heatmap.png")
+    """
+    plt = _pyplot()
+    layers, columns, values = history_matrix(load_history(history_or_path), metric)
+    data = np.ma.masked_invalid(np.array(values, dtype=float))
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(min(16.0, 2.5 + 0.45 * len(columns)), min(14.0, 1.5 + 0.3 * len(layers))))
+    else:
+        fig = ax.figure
+    if metric.endswith("_delta"):  # signed: blue below zero (heavier tail than random), red above
+        bound = float(np.abs(data).max()) if data.count() else 1.0
+        cmap, limits = plt.get_cmap("RdBu_r"), {"vmin": -bound, "vmax": bound}
+    else:
+        cmap, limits = plt.get_cmap("viridis"), {}
+    cmap = cmap.with_extremes(bad="lightgrey")
+    image = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, **limits)
+    step = max(1, math.ceil(len(columns) / 30))  # at most ~30 column labels
+    ax.set_xticks(range(0, len(columns), step), columns[::step], rotation=90 if len(columns) > 12 else 0,
+                  fontsize=7)
+    ax.set_yticks(range(len(layers)), layers, fontsize=7)
+    ax.set_xlabel("analysis (init: before training, eN: end of epoch N, sN: after step N)")
+    ax.set_ylabel("layer (model order)")
+    fig.colorbar(image, ax=ax, label=metric)
+    ax.set_title(f"{metric} per layer over training", fontsize=9)
+    fig.tight_layout()
+    return fig, ax

@@ -74,7 +74,8 @@ def test_resumed_history_equals_uninterrupted_run(tmp_path, with_val):
 
 def test_farms_metric_drives_early_stopping(tmp_path):
     stop = EarlyStopping(monitor="farms/alpha_mean", mode="max", stopping_threshold=1.0, check_on_train_epoch_end=True)
-    t, _ = _fit(tmp_path, [FARMSCallback(), stop], epochs=6, with_val=False)
+    # EarlyStopping listed first: Lightning runs monitoring callbacks after the others at epoch end.
+    t, _ = _fit(tmp_path, [stop, FARMSCallback()], epochs=6, with_val=False)
     assert t.current_epoch == 1 and stop.stopped_epoch == 0
     assert t.callback_metrics["farms/alpha_mean"] > 1.0
 

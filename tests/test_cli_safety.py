@@ -376,7 +376,7 @@ def test_torch_shards_with_an_index_and_a_training_arguments_file(inputs, capsys
     (["analyze", "sd.pt", "--fit", "best"], "farms-lightning analyze", "invalid choice: 'best'"),
     (["prune", "sd.pt"], "farms-lightning prune", "required: --sparsity"),
     (["analyze"], "farms-lightning analyze", "required: PATH"),
-    ([], "farms-lightning", "required: {analyze,prune}"),
+    ([], "farms-lightning", "required: {analyze,prune,plot}"),
     (["analyse", "sd.pt"], "farms-lightning", "invalid choice: 'analyse'"),
 ])
 def test_argument_errors_are_one_line_with_a_hint(inputs, capsys, monkeypatch, argv, prog, message):

@@ -1,0 +1,143 @@
+"""FARMSTrainerCallback in a real Hugging Face Trainer: a tiny BERT from a config, random data, one epoch."""
+
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from farms_lightning import analyze, farms_param_groups  # noqa: E402
+from farms_lightning.integrations.transformers import FARMSTrainerCallback  # noqa: E402
+
+STEPS = 8
+
+
+class RandomText(torch.utils.data.Dataset):
+    def __init__(self, n: int = 8 * STEPS, length: int = 16) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, 200, (n, length), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
+def tiny_bert() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=32)
+    return BertForSequenceClassification(config)
+
+
+def _args(tmp_path, **kwargs) -> TrainingArguments:
+    defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=1, logging_steps=2,
+                    report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+                    dataloader_num_workers=0)
+    defaults.update(kwargs)
+    return TrainingArguments(**defaults)
+
+
+@pytest.mark.slow
+def test_values_merge_into_the_trainers_logs_without_losing_any(tmp_path):
+    model = tiny_bert()
+    farms = FARMSTrainerCallback(every_n_steps=4, log_metrics=["alpha", "stable_rank"], save_history="json")
+    trainer = Trainer(model=model, args=_args(tmp_path, report_to=["tensorboard"]), train_dataset=RandomText(),
+                      callbacks=[farms])
+    assert trainer.callback_handler.callbacks[0] is farms  # moved before the TensorBoard integration
+    trainer.train()
+    history = trainer.state.log_history
+    # Every loss log is there, at every logging step, and so is the final summary log.
+    assert [h["step"] for h in history if "loss" in h] == [2, 4, 6, 8]
+    assert all("learning_rate" in h and "grad_norm" in h for h in history if "loss" in h)
+    assert "train_runtime" in history[-1]
+    # Analyses: before training, after steps 4 and 8, and at the epoch end (after step 8).
+    assert [(h["stage"], h["step"]) for h in farms.history] == [("train_start", 0), ("step", 4), ("step", 8),
+                                                                ("epoch", 8)]
+    by_step = {h["step"]: h for h in history if "loss" in h}
+    # Values are held until the next log: the initial analysis reaches the log of step 2.
+    assert by_step[2]["farms/alpha_mean"] == farms.history[0]["summary"]["alpha_mean"]
+    assert "farms/alpha_mean" not in by_step[6]
+    for log, entry in ((by_step[4], farms.history[1]), (by_step[8], farms.history[2]), (history[-1], farms.history[3])):
+        assert log["farms/alpha_mean"] == entry["summary"]["alpha_mean"]
+        assert log["farms/time_s"] == entry["time_s"]
+    # The last analysis (epoch end) equals an independent analysis of the trained model.
+    final = analyze(model)
+    for stats in final.layers:
+        if stats.alpha is not None:
+            assert history[-1][f"farms/alpha/{stats.name}"] == pytest.approx(stats.alpha, rel=1e-12)
+            assert history[-1][f"farms/stable_rank/{stats.name}"] == pytest.approx(stats.stable_rank, rel=1e-12)
+    # The report_to integration (TensorBoard) received the merged values with the losses.
+    import glob
+
+    folder = glob.glob(f"{tmp_path}/runs/*")[0]
+    events = EventAccumulator(folder, size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
+    # Steps 2, 4, 8 and the final summary log (also at step 8), which carries the epoch-end analysis.
+    assert [e.step for e in events.Scalars("train/farms/alpha_mean")] == [2, 4, 8, 8]
+    assert (tmp_path / "farms_history.json").exists()
+
+
+class RecordingAdamW(torch.optim.AdamW):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.used: list[list[float]] = []
+
+    def step(self, closure=None):
+        self.used.append([group["lr"] for group in self.param_groups])
+        return super().step(closure)
+
+
+class ScheduledLR(TrainerCallback):
+    """The LR the Trainer's scheduler gives each group, read before the step."""
+
+    def __init__(self, optimizer):
+        self.optimizer, self.scheduled = optimizer, []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.scheduled.append([group["lr"] for group in self.optimizer.param_groups])
+
+
+@pytest.mark.slow
+def test_tempbalance_with_one_param_group_per_layer(tmp_path):
+    model = tiny_bert()
+    optimizer = RecordingAdamW(farms_param_groups(model, lr=1e-3, weight_decay=0.01))
+    farms = FARMSTrainerCallback(every_n_steps=2, every_n_epochs=None, lr_balance=True, lr_min_ratio=0.2,
+                                 lr_max_ratio=1.8)
+    scheduled = ScheduledLR(optimizer)
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=RandomText(), callbacks=[scheduled],
+                      optimizers=(optimizer, None))
+    trainer.add_callback(farms)  # added after the Trainer's init: it moves itself first in on_train_begin
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no mixed-group warning with per-layer groups
+        warnings.filterwarnings("ignore", message="(?!FARMS)")
+        trainer.train()
+    assert trainer.callback_handler.callbacks[0] is farms
+    assert len(optimizer.used) == len(scheduled.scheduled) == STEPS
+    names = [g["name"] for g in optimizer.param_groups]
+    for entry in farms.history:
+        # Factors are TempBalance's linear map of the fitted alphas, first and last layer left out.
+        fitted = [r for r in entry["layers"] if r["status"] == "ok"][1:-1]
+        alphas = {r["name"]: r["alpha"] for r in fitted}
+        low, high = min(alphas.values()), max(alphas.values())
+        assert entry["lr_factors"] == pytest.approx({n: 0.2 + 1.6 * (a - low) / (high - low) for n, a in alphas.items()})
+    for step, (used, lrs) in enumerate(zip(optimizer.used, scheduled.scheduled)):
+        factors = farms.history[step // 2]["lr_factors"]  # the latest analysis before this step
+        for name, lr_used, lr in zip(names, used, lrs):
+            assert lr_used == lr * factors.get(name, 1.0), (step, name)
+    assert len({round(f, 6) for f in farms.history[-1]["lr_factors"].values()}) > 2
+
+
+def test_bad_arguments():
+    for kwargs, name in [({"fit": "x"}, "fit"), ({"every_n_steps": -1}, "every_n_steps"),
+                         ({"log_metrics": ["beta"]}, "log_metrics"), ({"save_history": "xml"}, "save_history"),
+                         ({"wndow": 3}, "engine option"), ({"lr_balance": True, "lr_min_ratio": 2.0}, "lr_min_ratio")]:
+        with pytest.raises(ValueError, match=name):
+            FARMSTrainerCallback(**kwargs)
