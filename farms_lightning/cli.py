@@ -190,6 +190,8 @@ def _add_engine(cmd: argparse.ArgumentParser, preset: str) -> None:
                         help=f"among {', '.join(LAYER_TYPES)} (commas allowed)")
     engine.add_argument("--min-eigenvalues", type=int, default=10)
     engine.add_argument("--peak-bound", choices=("reference", "corrected"), default="reference")
+    engine.add_argument("--no-split-qkv", dest="split_qkv", action="store_false",
+                        help="analyse fused q/k/v projections (qkv, c_attn, in_proj_weight) whole, not as .q/.k/.v")
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -215,7 +217,7 @@ def _analysis(args: argparse.Namespace, report_output: Path | None = None, prune
     device = resolve_device(args.device)
 
     def prepare() -> tuple[Checkpoint, list[LayerMatrix], StatsCache | None]:
-        checkpoint = open_checkpoint(args.path, args.trust_pickle)
+        checkpoint = open_checkpoint(args.path, args.trust_pickle, args.split_qkv)
         reads = checkpoint.weights.sources
         if report_output is not None:  # a report may sit in the input folder, never on a file that is read
             check_output(report_output, [args.path], reads, report=True)

@@ -10,7 +10,7 @@ from torchmetrics import Metric
 
 from farms_lightning.analysis import analyze_layers, resolve_settings
 from farms_lightning.distributed import local_share
-from farms_lightning.layers import discover_layers
+from farms_lightning.layers import discover_layers, validate_discovery_args
 from farms_lightning.report import LayerStats, summarize
 
 #: Per-layer status codes of the metric state; 0 marks a row this process did not fill.
@@ -51,7 +51,8 @@ class FARMSMetric(Metric):
     Args:
         preset: ``"cv"`` or ``"llm"``; ``options`` override it (``window``, ``aspect_ratio``,
             ``windows_per_dim``, ``fit``, ``esd``, ``dtype``, ``min_eigenvalues``, ``peak_bound``).
-        include, exclude, layer_types: layer selection, as for :func:`farms_lightning.analyze`.
+        include, exclude, layer_types, split_qkv, lora: layer selection, as for
+            :func:`farms_lightning.analyze`.
         kwargs: ``torchmetrics.Metric`` arguments.
 
     Example::
@@ -80,9 +81,13 @@ class FARMSMetric(Metric):
         layer_types: Optional[list[str]] = None,
         min_eigenvalues: int = 10,
         peak_bound: str = "reference",
+        split_qkv: bool = True,
+        lora: str = "merged",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        validate_discovery_args(split_qkv, lora)
+        self.split_qkv, self.lora = split_qkv, lora
         self.settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
                                          min_eigenvalues, peak_bound)
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
@@ -92,7 +97,8 @@ class FARMSMetric(Metric):
         self.add_state("layer_values", default=torch.zeros(0, 3, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, model: nn.Module) -> None:  # type: ignore[override]
-        layers = discover_layers(model, self.layer_types, self.include, self.exclude)
+        layers = discover_layers(model, self.layer_types, self.include, self.exclude, split_qkv=self.split_qkv,
+                                 lora=self.lora)
         mine, _ = local_share(layers)
         stats, _ = analyze_layers(layers, self.settings, assigned=mine)
         values = torch.zeros(len(layers), 3, dtype=torch.float64)

@@ -62,7 +62,7 @@ class StatsCache:
         from farms_lightning import __version__
 
         digest = hashlib.sha256()
-        described = {"version": __version__, "format": CACHE_FORMAT, "settings": settings, "device": device.type, "kind": layer.kind,
+        described = {"version": __version__, "format": CACHE_FORMAT, "settings": settings, "device": device.type, "kind": layer.kind, "split": layer.split,
                      "type": layer.module_type, "dtype": str(tensor.dtype), "shape": list(tensor.shape)}
         digest.update(json.dumps(described, sort_keys=True, default=str).encode())
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)

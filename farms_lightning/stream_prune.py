@@ -91,7 +91,9 @@ def _write_file(checkpoint: Checkpoint, shard: str, sparsities: dict[str, float]
                 label: Path | None = None) -> dict[str, float]:
     """Prune one file's matrices and write it to ``target`` atomically."""
     source = checkpoint.shard_path(shard)
-    names = {checkpoint.stored_key(checkpoint.keys[name]): name for name in sparsities}
+    names: dict[str, list[str]] = {}  # stored key -> its layers (q, k and v of a fused tensor)
+    for name in sparsities:
+        names.setdefault(checkpoint.stored_key(checkpoint.keys[name]), []).append(name)
     achieved: dict[str, float] = {}
     if checkpoint.is_safetensors(shard):
         keys, metadata = checkpoint.weights.files[shard]
@@ -101,10 +103,11 @@ def _write_file(checkpoint: Checkpoint, shard: str, sparsities: dict[str, float]
                 with input_errors(source):
                     tensor = file.get_tensor(key)
                 if key in names:
-                    name = names[key]
-                    # Under the layer's own key (a tied alias names the stored tensor differently).
-                    shell = model_from_state_dict({checkpoint.keys[name]: tensor})
-                    achieved.update(prune_model(shell, {name: sparsities[name]}))
+                    parts = names[key]
+                    # Under the layers' own key (a tied alias names the stored tensor differently).
+                    shell = model_from_state_dict({checkpoint.keys[parts[0]]: tensor})
+                    achieved.update(prune_model(shell, {name: sparsities[name] for name in parts},
+                                                split_qkv=checkpoint.split_qkv))
                     release_freed_memory()  # the sort's buffers
                 return tensor
 
@@ -115,7 +118,7 @@ def _write_file(checkpoint: Checkpoint, shard: str, sparsities: dict[str, float]
     # Pruned in place, copy-on-write: the shard's pruned matrices are what this costs in memory.
     model = model_from_state_dict(tensors)
     for name, sparsity in sparsities.items():
-        achieved.update(prune_model(model, {name: sparsity}))
+        achieved.update(prune_model(model, {name: sparsity}, split_qkv=checkpoint.split_qkv))
         release_freed_memory()  # the sort's buffers, before the next matrix
     atomic_write(target, lambda tmp: _save_torch(container, tmp), label=label)
     return achieved

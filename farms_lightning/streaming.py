@@ -33,7 +33,7 @@ from farms_lightning.layers import LAYER_TYPES, LayerMatrix, clean_name, discove
 from farms_lightning.report import FARMSReport, LayerStats
 from farms_lightning.safe_io import EXIT_INPUT, CLIError, input_errors, shown
 from farms_lightning.safetensors_file import SafetensorsFile
-from farms_lightning.state_dict import model_from_state_dict
+from farms_lightning.state_dict import model_from_state_dict, module_path
 from farms_lightning.weight_files import Weights, _first_line, load_weights, read_torch
 
 __all__ = ["Checkpoint", "open_checkpoint", "analyze_checkpoint", "analyze_stream", "read_tensors", "GROUP_BYTES"]
@@ -49,6 +49,8 @@ class Checkpoint:
 
     weights: Weights  # lazy: meta tensors
     trust_pickle: bool
+    #: name fused q/k/v projections as their parts (``--no-split-qkv`` turns it off)
+    split_qkv: bool = True
     #: every analysable matrix (all kinds), discovery order, on meta tensors
     all_layers: list[LayerMatrix] = field(default_factory=list)
     #: layer name -> its key in the state dict
@@ -79,17 +81,17 @@ class Checkpoint:
         return list(self.weights.files) if self.weights.files else [self.path.name]
 
 
-def open_checkpoint(path: Path, trust_pickle: bool) -> Checkpoint:
+def open_checkpoint(path: Path, trust_pickle: bool, split_qkv: bool = True) -> Checkpoint:
     """Index ``path`` without keeping tensor data (exit 3 for unreadable input, 4 for no matrix)."""
     weights = load_weights(path, trust_pickle, lazy=True)
-    checkpoint = Checkpoint(weights, trust_pickle)
+    checkpoint = Checkpoint(weights, trust_pickle, split_qkv)
     try:
         model = model_from_state_dict(weights.state_dict)
     except Exception as error:  # noqa: BLE001 - e.g. keys that are not valid module names
         raise CLIError(f"cannot interpret the keys of {shown(path)} as layers: {_first_line(error)}",
                        EXIT_INPUT) from None
-    checkpoint.keys = _layer_keys(model, weights.state_dict)
-    checkpoint.all_layers = discover_layers(model, layer_types=LAYER_TYPES)
+    checkpoint.all_layers = discover_layers(model, layer_types=LAYER_TYPES, split_qkv=split_qkv)
+    checkpoint.keys = _layer_keys(model, weights.state_dict, checkpoint.all_layers)
     for name, (keys, _) in weights.files.items():
         checkpoint.shard_of.update(dict.fromkeys(keys, name))
     if not weights.files:  # one torch file
@@ -100,18 +102,19 @@ def open_checkpoint(path: Path, trust_pickle: bool) -> Checkpoint:
     return checkpoint
 
 
-def _layer_keys(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Layer name -> state-dict key, as :func:`model_from_state_dict` turned keys into modules."""
+def _layer_keys(model: nn.Module, state_dict: dict[str, torch.Tensor], layers: list[LayerMatrix]) -> dict[str, str]:
+    """Layer name -> state-dict key, as :func:`model_from_state_dict` turned keys into modules.
+
+    The q, k and v parts of a fused projection all read their module's one key.
+    """
+    key_of_path = {module_path(key): key for key in state_dict}
+    path_of_module = {id(module): raw for raw, module in model.named_modules()}
     keys: dict[str, str] = {}
-    for raw, module in model.named_modules():
-        weight = module._parameters.get("weight")
-        if weight is None:
-            continue
-        key = f"{raw}.weight" if f"{raw}.weight" in state_dict else raw
-        name = clean_name(raw)
-        if name in keys:
-            raise CLIError(f"the keys {keys[name]!r} and {key!r} give the same layer name {name!r}", EXIT_INPUT)
-        keys[name] = key
+    for layer in layers:
+        key = key_of_path[path_of_module[id(layer.module)]]
+        if keys.setdefault(layer.name, key) != key:
+            raise CLIError(f"the keys {keys[layer.name]!r} and {key!r} give the same layer name {layer.name!r}",
+                           EXIT_INPUT)
     return keys
 
 
@@ -168,7 +171,7 @@ def release_freed_memory() -> None:
 def select(checkpoint: Checkpoint, layer_types: Any, include: Any, exclude: Any) -> list[LayerMatrix]:
     """The matrices chosen by the filters (``ValueError`` for a bad filter; exit 4 when none)."""
     model = model_from_state_dict(checkpoint.weights.state_dict)
-    layers = discover_layers(model, layer_types, include, exclude)
+    layers = discover_layers(model, layer_types, include, exclude, split_qkv=checkpoint.split_qkv)
     if not layers:
         raise CLIError(f"no layer of {shown(checkpoint.path)} is selected by --include/--exclude/--layer-types",
                        EXIT_EMPTY)
@@ -180,7 +183,8 @@ def tied_owners(checkpoint: Checkpoint, layers: list[LayerMatrix]) -> dict[int, 
     first: dict[str, str] = {}
     shared = {}
     for i, layer in enumerate(layers):
-        owner = first.setdefault(checkpoint.stored_key(checkpoint.keys[layer.name]), layer.name)
+        # The q, k and v parts of one fused tensor read different rows: they are not tied.
+        owner = first.setdefault(f"{checkpoint.stored_key(checkpoint.keys[layer.name])}\0{layer.split}", layer.name)
         if owner != layer.name:
             shared[i] = owner
     return shared
@@ -207,7 +211,10 @@ def analyze_stream(checkpoint: Checkpoint, layers: list[LayerMatrix], settings: 
     shared = tied_owners(checkpoint, layers)
     stats: dict[int, LayerStats] = {i: _skipped(layers[i], f"shares weights with {shared[i]}")
                                     for i in mine if i in shared}
-    todo = {checkpoint.stored_key(checkpoint.keys[layers[i].name]): i for i in mine if i not in shared}
+    todo: dict[str, list[int]] = {}  # stored key -> the layers reading it (q, k and v of a fused tensor)
+    for i in mine:
+        if i not in shared:
+            todo.setdefault(checkpoint.stored_key(checkpoint.keys[layers[i].name]), []).append(i)
     group: list[tuple[int, torch.Tensor, Any]] = []
     size = 0
     analysed = 0
@@ -231,19 +238,19 @@ def analyze_stream(checkpoint: Checkpoint, layers: list[LayerMatrix], settings: 
 
     with torch.no_grad():
         for key, tensor in read_tensors(checkpoint, list(todo)):
-            i = todo[key]
-            entry = options.cache.key(layers[i], tensor, settings, options.device) if options.cache else None
-            hit = options.cache.get(entry, layers[i].name) if entry is not None else None
-            if hit is not None:
-                stats[i] = hit
-                if options.progress:
-                    options.progress(layers[i])
-                continue
-            nbytes = tensor.numel() * tensor.element_size()
-            if group and size + nbytes > options.group_bytes:
-                flush()
-            group.append((i, tensor.to(options.device), entry))
-            size += nbytes
+            for i in todo[key]:
+                entry = options.cache.key(layers[i], tensor, settings, options.device) if options.cache else None
+                hit = options.cache.get(entry, layers[i].name) if entry is not None else None
+                if hit is not None:
+                    stats[i] = hit
+                    if options.progress:
+                        options.progress(layers[i])
+                    continue
+                nbytes = tensor.numel() * tensor.element_size()
+                if group and size + nbytes > options.group_bytes:
+                    flush()
+                group.append((i, tensor.to(options.device), entry))
+                size += nbytes
             del tensor
         flush()
     return stats, analysed
