@@ -1,6 +1,9 @@
 """Side-by-side timings of farms_lightning against the published FARMS pipeline and WeightWatcher.
 
 Run on a quiet machine (no install or test run beside it):  python benchmarks/bench_farms.py
+LLM-scale rows (benchmarks/bench_llm.py): add ``--llm`` (a LLaMA-7B block at the llm preset, projected to
+the model) and ``--stream-gb 4`` (peak memory of a streaming analyze of a generated 4 GiB checkpoint);
+``--llm-only`` skips the other rows, ``--tiny`` shrinks the LLM rows to check that they run.
 Every row is timed in this process, best of --repeats runs; "extra MB" is the peak resident memory
 above the level before the run (sampled every 2 ms). Alphas are compared with farms_lightning's
 float64 path (dtype=torch.float64), itself checked against an independent NumPy float64 reference
@@ -337,6 +340,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="skip the slow published ks loop and MiniLM training")
     parser.add_argument("--only", choices=["whole-matrix", "callback"], help="run only these rows")
+    parser.add_argument("--llm", action="store_true", help="add the LLaMA-7B block rows (minutes on CPU)")
+    parser.add_argument("--llm-device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--stream-gb", type=float, default=0.0, help="add the streaming memory rows at this size")
+    parser.add_argument("--llm-only", action="store_true", help="only the --llm and --stream-gb rows")
+    parser.add_argument("--tiny", action="store_true", help="LLM rows at 1/16 of each dimension (a check)")
     args = parser.parse_args()
     r = args.repeats
     rows: list[tuple[str, float, float | None, float, float]] = []  # name, seconds, ratio, max rel dalpha, MB
@@ -355,6 +363,23 @@ def main() -> None:
         callback_rows(add, r, ResNet18(), gpt2_small_blocks())
         print_table(rows)
         return
+    if not args.llm_only:
+        model_rows(args, r, add)
+    if args.llm or args.stream_gb:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_llm import llama_block_rows, streaming_rows
+
+        if args.llm:
+            llama_block_rows(args.llm_device, args.tiny, lambda name, s, mb: add(name, s, mb), measure)
+        if args.stream_gb:
+            streaming_rows(args.stream_gb, lambda name, s, mb: add(name, s, mb), args.tiny)
+    print_table(rows)
+
+
+def model_rows(args: argparse.Namespace, r: int, add: Callable[..., None]) -> None:
+    """The rows on GPT-2 small, ResNet-18 and MiniLM."""
     gpt2 = gpt2_small_blocks()
 
     # GPT-2 small, cv preset: published pipeline vs ours, per fit.
@@ -472,8 +497,6 @@ def main() -> None:
             t, mb, _ = measure(step, r)
             add("all-MiniLM-L6-v2: one training step, batch 128, sequence 128", t, mb)
 
-    print_table(rows)
-
 
 def print_table(rows: list[tuple[str, float, float | None, float, float]]) -> None:
     print("\n| work | seconds | speed-up vs baseline | max rel. Δalpha vs float64 | extra MB |")
@@ -481,7 +504,8 @@ def print_table(rows: list[tuple[str, float, float | None, float, float]]) -> No
     for name, seconds, ratio, dalpha, mb in rows:
         ratio_s = "" if ratio is None else f"{ratio:.2f}x"
         dalpha_s = "" if math.isnan(dalpha) else f"{dalpha:.1e}"
-        print(f"| {name} | {seconds:.3f} | {ratio_s} | {dalpha_s} | {mb:.0f} |")
+        mb_s = "" if math.isnan(mb) else f"{mb:.0f}"
+        print(f"| {name} | {seconds:.3f} | {ratio_s} | {dalpha_s} | {mb_s} |")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from typing import Any, Collection, Union
+from typing import Any, Collection, Sequence, Union
 
 import torch
 from torch import nn
@@ -91,6 +91,8 @@ def analyze(
     peak_bound: str = "reference",
     random_baseline: bool = True,
     keep_eigenvalues: bool = False,
+    split_qkv: bool = True,
+    lora: str = "merged",
 ) -> FARMSReport:
     """FARMS (or plain) ESD statistics of every analysable weight matrix of ``model``.
 
@@ -112,6 +114,12 @@ def analyze(
             ``alpha_random_spread`` and ``alpha_delta = alpha - alpha_random``. ``False`` skips it.
         keep_eigenvalues: keep each analysed layer's sorted ESDs in ``report.eigenvalues``
             (one tensor per conv block), e.g. for plots.
+        split_qkv: split fused q/k/v projections (``qkv``, ``c_attn``, ``qkv_proj``, ``Wqkv`` with
+            ``out == 3 * in``, ``query_key_value`` by head, ``nn.MultiheadAttention``'s
+            ``in_proj_weight``) into ``<name>.q|k|v``; ``False`` analyses them whole.
+        lora: for PEFT LoRA layers, ``"merged"`` analyses the effective weight ``W + scaling·B@A``
+            of the active adapters, ``"delta"`` only the update ``scaling·B@A`` (its rank is the
+            adapter's ``r``: below ``min_eigenvalues`` it cannot be fitted with ``esd="full"``).
 
     Returns:
         A :class:`FARMSReport`. Layers that cannot be analysed are reported with
@@ -128,7 +136,7 @@ def analyze(
     """
     settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
                                 min_eigenvalues, peak_bound, random_baseline)
-    layers = discover_layers(model, layer_types, include, exclude)
+    layers = discover_layers(model, layer_types, include, exclude, split_qkv=split_qkv, lora=lora)
     stats, eigenvalues = analyze_layers(layers, settings, keep_eigenvalues=keep_eigenvalues)
     return FARMSReport(stats, settings, eigenvalues)  # type: ignore[arg-type]
 
@@ -164,7 +172,9 @@ def analyze_layers(
             layer, plan = item
             if not isinstance(plan, WindowSet):
                 return plan
-            return _fit_layer(layer, spectra[id(plan)], plan.matrices.dtype, settings)
+            # The stored precision sets the flat-spectrum tolerance (float8 is analysed upcast).
+            stored = layer.weight.dtype if layer.weight.is_floating_point() else plan.matrices.dtype
+            return _fit_layer(layer, spectra[id(plan)], stored, settings)
 
         stats = parallel_map(finish, list(zip(layers, plans)), workers)
     if settings.get("random_baseline", True):
@@ -206,8 +216,9 @@ def _frozen_key(layer: LayerMatrix) -> tuple | None:
     fingerprinted too: three float64 moments, one cheap pass compared with an eigen-analysis.
     """
     w = layer.weight
-    if w.requires_grad or layer.is_lazy or w.is_meta or not w.is_floating_point():
-        return None
+    if (w.requires_grad or layer.is_lazy or w.is_meta or not w.is_floating_point() or layer.reader is not None
+            or w.layout != torch.strided):
+        return None  # read through a reader (LoRA adapters, parametrizations): its inputs may change
     flat = w.detach().reshape(-1).double()
     position = torch.arange(1, len(flat) + 1, dtype=torch.float64, device=flat.device)
     fingerprint = tuple(float(v) for v in (flat.sum(), (flat * flat).sum(), (flat * position).sum()))
@@ -230,11 +241,21 @@ def _plan(
             return None
         if owner != layer.name:
             return _skipped(layer, f"shares weights with {owner}")
+        if layer.skip_reason:
+            return _skipped(layer, layer.skip_reason)
+        if layer.is_conv:
+            degenerate = degenerate_conv_reason(layer.weight.shape, layer.groups)
+            if degenerate:
+                return _skipped(layer, degenerate)
+        if layer.weight.is_meta:
+            return _skipped(layer, "weights on the meta device (not materialised)")
         w = layer.oriented()
         if w.is_meta:
             return _skipped(layer, "weights on the meta device (not materialised)")
         if not w.is_floating_point():
             return _skipped(layer, f"non-float weights ({w.dtype})")
+        if w.dtype.itemsize == 1:  # float8: upcast exactly (few ops exist for it)
+            w = w.float()
         if w.numel() == 0:
             return _skipped(layer, "empty weights")
         low, high = (float(v) for v in torch.aminmax(w))  # one pass: NaN and inf propagate
@@ -242,14 +263,15 @@ def _plan(
             return _skipped(layer, "non-finite weights")
         if low == high == 0:
             return _skipped(layer, "all-zero weights")
-        windows = _conv_windows(w, settings) if layer.is_conv else _matrix_windows(w, settings)
+        windows = _conv_windows(w, layer.groups, settings) if layer.is_conv else _matrix_windows(w, settings)
     except Exception as error:  # noqa: BLE001 - a layer never crashes the analysis
         return LayerStats(layer.name, layer.module_type, (), "failed", f"analysis error: {error!r}")
     if isinstance(windows, str):
         return _skipped(layer, windows)
     per_group = windows.eigenvalues_per_group
     if per_group < settings["min_eigenvalues"]:
-        return _skipped(layer, f"too small: {per_group} eigenvalues per ESD < min_eigenvalues="
+        where = f" (blocks of {layer.groups} groups)" if layer.groups > 1 else ""
+        return _skipped(layer, f"too small: {per_group} eigenvalues per ESD{where} < min_eigenvalues="
                                f"{settings['min_eigenvalues']}")
     return windows
 
@@ -265,16 +287,48 @@ def _matrix_windows(w: torch.Tensor, settings: dict[str, Any]) -> WindowSet | st
     return WindowSet(w.unsqueeze(0), grid)
 
 
-def _conv_windows(w: torch.Tensor, settings: dict[str, Any]) -> WindowSet:
-    """The paper's conv sampling: tall kernel-position matrices cut into row blocks."""
-    matrices = w.flatten(2).permute(2, 0, 1)  # (kernel positions, out, in)
-    if matrices.shape[1] < matrices.shape[2]:
-        matrices = matrices.transpose(1, 2)
-    rows, cols = matrices.shape[1:]
+def degenerate_conv_reason(shape: Sequence[int], groups: int) -> str:
+    """Why a conv has no matrix to analyse (a group's kernel-position matrices have a dimension below 2), or ``""``."""
+    if len(shape) < 3 or groups < 1 or shape[0] % groups:
+        return ""
+    rows, cols = shape[0] // groups, shape[1]
+    if min(rows, cols) >= 2:
+        return ""
+    if groups > 1:
+        return (f"depthwise convolution ({groups} groups of {rows}x{cols} kernel-position matrices): "
+                "no matrix to analyse")
+    return f"degenerate convolution ({rows}x{cols} kernel-position matrices): no matrix to analyse"
+
+
+def conv_group_matrices(w: torch.Tensor, groups: int) -> tuple[torch.Tensor, int, int]:
+    """Every group's kernel-position matrices, tall, stacked along the rows: ``(positions, groups·R, C)``.
+
+    Group ``j`` holds rows ``[j·R, (j+1)·R)``. Without groups this is the stored ``(out, in)`` slice
+    per kernel position, transposed when ``out < in``.
+    """
+    out, inp = w.shape[:2]
+    rows = out // groups
+    kernel = w.flatten(2)  # (out, in/groups, positions)
+    if rows >= inp:
+        return kernel.permute(2, 0, 1), rows, inp
+    # Each group's (rows, in) matrix transposed to (in, rows), groups stacked vertically.
+    return kernel.reshape(groups, rows, inp, -1).permute(3, 0, 2, 1).reshape(kernel.shape[2], groups * inp, rows), \
+        inp, rows
+
+
+def _conv_windows(w: torch.Tensor, groups: int, settings: dict[str, Any]) -> WindowSet:
+    """The paper's conv sampling (spec §3), per group: tall kernel-position matrices cut into row blocks.
+
+    A grouped conv is ``groups`` independent convs: the blocks of every group are fitted, and the
+    full ESD pools all groups (the exact ESD of the block-diagonal matrix).
+    """
+    matrices, rows, cols = conv_group_matrices(w, groups)
     if settings["esd"] == "full":
-        return WindowSet(matrices, full_grid(rows, cols), scale=CONV_EIGENVALUE_SCALE)
+        grid = WindowGrid(rows, cols, tuple(g * rows for g in range(groups)), (0,))
+        return WindowSet(matrices, grid, scale=CONV_EIGENVALUE_SCALE)
     block_rows, block_cols, blocks = conv_block_shape(rows, cols, settings["aspect_ratio"])
-    grid = WindowGrid(block_rows, block_cols, tuple(b * block_rows for b in range(blocks)), (0,))
+    starts = tuple(g * rows + b * block_rows for g in range(groups) for b in range(blocks))
+    grid = WindowGrid(block_rows, block_cols, starts, (0,))
     return WindowSet(matrices, grid, scale=CONV_EIGENVALUE_SCALE, group_by_row_start=True)
 
 
@@ -328,7 +382,7 @@ def _fit_layer(
     log_spectral_norm = spectral["log_spectral_norm"]
     spectral["alpha_weighted"] = None if alpha is None or log_spectral_norm is None else alpha * log_spectral_norm
     return LayerStats(
-        **base, status="ok", reason="",
+        **base, status="ok", reason=layer.note,
         alpha=alpha, xmin=_mean([f.xmin for f in fits]), D=_mean([f.D for f in fits]),
         **counts, **spectral,
     )

@@ -15,6 +15,7 @@ from farms_lightning import dashboard
 from farms_lightning.analysis import resolve_settings
 from farms_lightning.distributed import analyze_distributed
 from farms_lightning.esd_metrics import METRIC_NAMES
+from farms_lightning.layers import discover_layers, renamed_layers, validate_discovery_args
 from farms_lightning.history import HISTORY_FORMATS, heatmap_metric, history_entry, history_path, report_scalars
 from farms_lightning.history import write_history
 from farms_lightning.report import FARMSReport
@@ -60,6 +61,8 @@ class FARMSCallback(Callback):
             (``<prefix>_history.<format>``).
         prefix: the first component of every logged key, and the TensorBoard layout category; two
             callbacks with different prefixes (e.g. different presets) can run side by side.
+        split_qkv, lora: how fused q/k/v projections and PEFT LoRA layers are analysed, as for
+            :func:`farms_lightning.analyze`.
 
     Raises:
         ValueError: a bad engine option or argument, or a baseline metric in ``log_metrics`` with
@@ -99,10 +102,14 @@ class FARMSCallback(Callback):
         print_summary: bool = True,
         save_history: Optional[str] = None,
         prefix: str = "farms",
+        split_qkv: bool = True,
+        lora: str = "merged",
     ) -> None:
         self.settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
                                          min_eigenvalues, peak_bound, random_baseline)
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
+        validate_discovery_args(split_qkv, lora)
+        self.split_qkv, self.lora = split_qkv, lora
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"`{name}` must be None or an integer >= 0, got {value!r}")
@@ -155,6 +162,8 @@ class FARMSCallback(Callback):
         self._trainer = trainer
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.history:
+            self._check_history_names(pl_module)
         if self._pending is not None:  # resumed from a checkpoint saved before that epoch's analysis
             pending, self._pending = self._pending, None
             self._run(trainer, pl_module, "epoch", pending["epoch"], pending["step"], log_now=True)
@@ -197,6 +206,17 @@ class FARMSCallback(Callback):
         self.history = list(state_dict.get("history", []))
         self._pending = state_dict.get("pending")
 
+    def _check_history_names(self, pl_module: pl.LightningModule) -> None:
+        """Say once when a restored history names layers as an earlier version did."""
+        current = {layer.name for layer in discover_layers(pl_module, self.layer_types, self.include, self.exclude,
+                                                           split_qkv=self.split_qkv, lora=self.lora)}
+        renamed = renamed_layers([row["name"] for row in self.history[-1].get("layers", [])], current)
+        if renamed:
+            examples = "; ".join(f"{old} -> {', '.join(new)}" for old, new in list(renamed.items())[:3])
+            rank_zero_warn(f"FARMSCallback: the restored history names {len(renamed)} layer(s) as an earlier version "
+                           f"did (fused q/k/v are now split, PEFT prefixes stripped): {examples}. Its entries are "
+                           "kept as they were; new analyses use the new names.")
+
     # ----------------------------------------------------------------- analysis and logging
     def _epoch_due(self, epoch: int) -> bool:
         return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
@@ -220,7 +240,7 @@ class FARMSCallback(Callback):
              log_now: bool, on_step: bool = False) -> None:
         report, elapsed = analyze_distributed(
             pl_module, self.settings, self.include, self.exclude, self.layer_types, keep_eigenvalues=self.log_figures,
-            frozen_cache=None if self.log_figures else self._frozen_cache)
+            frozen_cache=None if self.log_figures else self._frozen_cache, split_qkv=self.split_qkv, lora=self.lora)
         self.last_report = report
         entry = history_entry(report, stage, epoch, step, elapsed)
         self.history.append(entry)

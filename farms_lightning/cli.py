@@ -9,6 +9,10 @@ Exit codes: 0 success; 1 unexpected internal error (with a traceback); 2 usage e
 or value, an output over an input); 3 input missing, unreadable, truncated or of an unknown format;
 4 nothing to analyse (no weight matrix, or none left by ``--include``/``--exclude``/``--layer-types``);
 5 the output cannot be written (nothing is left half-written: see :mod:`farms_lightning.safe_io`).
+
+Weights are streamed (:mod:`farms_lightning.streaming`): one tensor, or one torch file, in memory at
+a time; ``prune`` analyses in one pass and writes in a second. Under ``torchrun`` the ranks share
+the work (:mod:`farms_lightning.cli_distributed`); the same command runs unchanged without it.
 """
 
 from __future__ import annotations
@@ -26,12 +30,32 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from farms_lightning.analysis import PRESETS, analyze_layers, resolve_settings
+from farms_lightning.analysis import PRESETS, resolve_settings
+from farms_lightning.cli_distributed import (
+    group_budget,
+    parse_size,
+    print_error,
+    process_group,
+    resolve_device,
+    together,
+)
+from farms_lightning.distributed import distributed_context
+from farms_lightning.layers import LAYER_TYPES, LayerMatrix
 from farms_lightning.cli_parsing import Parser, UsageError, name_subcommands, parse_arguments
-from farms_lightning.layers import LAYER_TYPES, LayerMatrix, discover_layers
-from farms_lightning.pruners import prune_model
 from farms_lightning.pruning import alpha_sparsity, uniform_sparsity
 from farms_lightning.report import FARMSReport
+from farms_lightning.weight_files import _first_line
+from farms_lightning.stats_cache import StatsCache
+from farms_lightning.stream_prune import prune_stream
+from farms_lightning.streaming import (
+    Checkpoint,
+    StreamOptions,
+    analyze_checkpoint,
+    largest_tensor,
+    open_checkpoint,
+    tied_owners,
+)
+from farms_lightning.streaming import select as select_layers
 from farms_lightning.safe_io import (
     EXIT_INPUT,
     EXIT_OUTPUT,
@@ -44,8 +68,6 @@ from farms_lightning.safe_io import (
     write_stdout,
     write_text,
 )
-from farms_lightning.state_dict import model_from_state_dict
-from farms_lightning.weight_files import Weights, _first_line, load_weights, save_weights
 
 __all__ = ["EXIT_INPUT", "EXIT_OUTPUT", "EXIT_USAGE", "main", "build_parser"]
 
@@ -74,9 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as done:  # --help
         return int(done.code or 0)
     try:
-        return args.command(args)
-    except CLIError as error:
-        _print_error(args.parser.prog, str(error), hint=error.help_hint)
+        with process_group(args.device):
+            try:
+                return args.command(args)
+            except CLIError as error:  # printed inside the process group: the line names the rank
+                print_error(args.parser.prog, error)
+                return error.code
+    except CLIError as error:  # joining the process group failed (e.g. --device cuda without CUDA)
+        print_error(args.parser.prog, error)
         return error.code
 
 
@@ -133,6 +160,21 @@ def _add_input(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument("--trust-pickle", action="store_true",
                      help="load torch files with weights_only=False (runs pickled code: only for trusted files)")
     cmd.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    run = cmd.add_argument_group("where and how it runs")
+    run.add_argument("--device", help="cpu, cuda or cuda:N (default: $FARMS_LIGHTNING_DEVICE, else cuda when "
+                                      "available); under torchrun, cuda is each rank's local GPU")
+    run.add_argument("--max-memory", type=_size, metavar="SIZE",
+                     help="bound on the analysis working set on the device, e.g. 8GiB (default on a GPU: 90%% "
+                          "of its free memory)")
+    run.add_argument("--cache", type=Path, metavar="DIR", help="keep each tensor's statistics here; a rerun "
+                     "(interrupted, or prune after analyze with the same settings) reuses them")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _add_engine(cmd: argparse.ArgumentParser, preset: str) -> None:
@@ -150,24 +192,57 @@ def _add_engine(cmd: argparse.ArgumentParser, preset: str) -> None:
                         help=f"among {', '.join(LAYER_TYPES)} (commas allowed)")
     engine.add_argument("--min-eigenvalues", type=int, default=10)
     engine.add_argument("--peak-bound", choices=("reference", "corrected"), default="reference")
+    engine.add_argument("--no-split-qkv", dest="split_qkv", action="store_false",
+                        help="analyse fused q/k/v projections (qkv, c_attn, in_proj_weight) whole, not as .q/.k/.v")
 
 
 def run_analyze(args: argparse.Namespace) -> int:
     _layer_types(args)  # usage errors before any reading
-    weights = load_weights(args.path, args.trust_pickle)
-    if args.output is not None:  # a report may sit in the input folder, never on a file that is read
-        check_output(args.output, [args.path], weights.sources, report=True)
-    report = analyze_with_progress(weights, args)
+    checkpoint, _, report = _analysis(args, report_output=args.output)
+    if distributed_context()[0] != 0:
+        return EXIT_OK
     fmt = args.format or (SUFFIX_FORMATS.get(args.output.suffix.lower(), "table") if args.output else "table")
-    title, table = _settings_line(weights, report), report.to_table()
+    title, table = _settings_line(checkpoint, report), report.to_table()
     text = f"{title}\n{table}\n" if fmt == "table" else format_rows(
         report.to_rows(), fmt, table.rsplit("\n", 1)[-1], title,  # the table's last line is the summary
-        {"file": shown(weights.path), "settings": report.settings, "summary": report.summary})
+        {"file": shown(checkpoint.path), "settings": report.settings, "summary": report.summary})
     if args.output is None:
         write_stdout(text)
     else:
         write_text(args.output, text)
     return EXIT_OK
+
+
+def _analysis(args: argparse.Namespace, report_output: Path | None = None, prune_output: Path | None = None,
+              analyse: bool = True) -> tuple[Checkpoint, list[LayerMatrix], FARMSReport]:
+    """Index the input, check the outputs, and (with ``analyse``) stream the analysis of the selection."""
+    device = resolve_device(args.device)
+
+    def prepare() -> tuple[Checkpoint, list[LayerMatrix], StatsCache | None]:
+        checkpoint = open_checkpoint(args.path, args.trust_pickle, args.split_qkv)
+        reads = checkpoint.weights.sources
+        if report_output is not None:  # a report may sit in the input folder, never on a file that is read
+            check_output(report_output, [args.path], reads, report=True)
+        if prune_output is not None:
+            check_output(prune_output, [args.path], reads, folder=checkpoint.weights.kind == "folder")
+        cache = StatsCache.open(args.cache, [args.path], reads) if args.cache is not None else None
+        with _usage_errors():
+            layers = select_layers(checkpoint, _layer_types(args), args.include, args.exclude)
+        return checkpoint, layers, cache
+
+    checkpoint, layers, cache = together(prepare)
+    with _usage_errors():
+        settings = resolve_settings(args.preset, args.window, args.aspect_ratio, args.windows_per_dim, args.fit,
+                                    args.esd, args.dtype, args.min_eigenvalues, args.peak_bound,
+                                    getattr(args, "random_baseline", False))  # prune needs only alphas
+    if not analyse:
+        return checkpoint, layers, FARMSReport([], settings)
+    options = StreamOptions(device, group_budget(device, args.max_memory, largest_tensor(layers)), cache)
+    report, analysed = analyze_checkpoint(checkpoint, layers, settings, options, args.progress)
+    if cache is not None and distributed_context()[0] == 0:
+        print(f"farms-lightning: cache {shown(cache.folder)}: {len(layers) - analysed} of {len(layers)} matrices "
+              f"not analysed again (cached or tied), {analysed} analysed", file=sys.stderr)
+    return checkpoint, layers, report
 
 
 def run_prune(args: argparse.Namespace) -> int:
@@ -180,27 +255,29 @@ def run_prune(args: argparse.Namespace) -> int:
     _layer_types(args)
     with _usage_errors():  # check the numbers before a long analysis
         alpha_sparsity({}, args.sparsity, args.epsilon, blocks=args.blocks, max_sparsity=args.max_sparsity)
-    weights = load_weights(args.path, args.trust_pickle)
-    check_output(out, [args.path], weights.sources, folder=weights.kind == "folder")
+    by_alpha = args.allocation == "alpha"
+    checkpoint, layers, report = _analysis(args, prune_output=out, analyse=by_alpha)
     alphas: dict[str, float | None] = {}
     with _usage_errors():
-        if args.allocation == "alpha":
-            report = analyze_with_progress(weights, args)
+        if by_alpha:
             sparsities = alpha_sparsity(report, args.sparsity, args.epsilon, blocks=args.blocks,
                                         max_sparsity=args.max_sparsity)
             alphas = {s.name: s.alpha for s in report.layers}
-            if not report.alphas:
+            if not report.alphas and distributed_context()[0] == 0:
                 print("farms-lightning: warning: no layer could be fitted; every layer gets --sparsity",
                       file=sys.stderr)
         else:
-            sparsities = uniform_sparsity([m.name for m in _selected_layers(weights, args)], args.sparsity)
-    model = model_from_state_dict(weights.state_dict)  # shares the tensors: pruning edits them in place
-    achieved = prune_model(model, sparsities, method="magnitude")
-    save_weights(weights, out)
-    layers = {m.name: m for m in discover_layers(model, layer_types=LAYER_TYPES)}
-    rows: list[dict[str, Any]] = [{"name": name, "shape": list(layers[name].shape), "num_params": layers[name].num_params,
-             "alpha": alphas.get(name), "target": sparsities[name], "achieved": achieved.get(name)}
-            for name in sparsities if name in achieved]
+            sparsities = uniform_sparsity([m.name for m in layers], args.sparsity)
+    # A layer reading the memory of an earlier selected one is pruned with it (alpha_sparsity leaves it out).
+    tied = {layers[i].name for i in tied_owners(checkpoint, layers)}
+    achieved = prune_stream(checkpoint, {n: s for n, s in sparsities.items() if n not in tied}, out)
+    if distributed_context()[0] != 0:
+        return EXIT_OK
+    layers_by_name = {m.name: m for m in checkpoint.all_layers}
+    rows: list[dict[str, Any]] = [{"name": name, "shape": list(layers_by_name[name].shape),
+                                   "num_params": layers_by_name[name].num_params, "alpha": alphas.get(name),
+                                   "target": sparsities[name], "achieved": achieved.get(name)}
+                                  for name in sparsities if name in achieved]
     total = sum(r["num_params"] for r in rows)
     mean = math.fsum(r["achieved"] * r["num_params"] for r in rows) / total if total else math.nan
     summary = (f"pruned {len(rows)} matrices ({total} weights) by magnitude, {args.allocation} allocation: "
@@ -237,23 +314,6 @@ def run_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _selected_layers(weights: Weights, args: argparse.Namespace) -> list[LayerMatrix]:
-    """The analysable matrices chosen by the filters (exit 4 when there are none)."""
-    try:
-        model = model_from_state_dict(weights.state_dict)
-    except Exception as error:  # noqa: BLE001 - e.g. keys that are not valid module names
-        raise CLIError(f"cannot interpret the keys of {shown(weights.path)} as layers: {_first_line(error)}",
-                       EXIT_INPUT) from None
-    if not discover_layers(model, layer_types=LAYER_TYPES):
-        raise CLIError(f"{shown(weights.path)} has no weight matrices (floating-point tensors of 2 to 5 dimensions "
-                       f"whose key ends in 'weight')", EXIT_EMPTY)
-    with _usage_errors():
-        layers = discover_layers(model, _layer_types(args), args.include, args.exclude)
-    if not layers:
-        raise CLIError(f"no layer of {shown(weights.path)} is selected by --include/--exclude/--layer-types", EXIT_EMPTY)
-    return layers
-
-
 def _layer_types(args: argparse.Namespace) -> list[str] | None:
     """``--layer-types`` values split at commas; given but empty (``--layer-types ,``) is a usage error."""
     if args.layer_types is None:
@@ -262,28 +322,6 @@ def _layer_types(args: argparse.Namespace) -> list[str] | None:
     if not kinds:
         raise CLIError(f"--layer-types names no type; choose among {', '.join(LAYER_TYPES)}", EXIT_USAGE)
     return kinds
-
-
-def analyze_with_progress(weights: Weights, args: argparse.Namespace) -> FARMSReport:
-    """:func:`farms_lightning.analyze` of the selected layers, a few layers at a time under a progress bar."""
-    from tqdm import tqdm
-
-    layers = _selected_layers(weights, args)
-    with _usage_errors():
-        settings = resolve_settings(args.preset, args.window, args.aspect_ratio, args.windows_per_dim, args.fit,
-                                    args.esd, args.dtype, args.min_eigenvalues, args.peak_bound,
-                                    getattr(args, "random_baseline", False))  # prune needs only alphas
-    stats: list = [None] * len(layers)
-    # Chunks of at least one layer per thread keep the engine's parallel fits; ~20 steps at most.
-    size = max(torch.get_num_threads(), math.ceil(len(layers) / 20))
-    # disable=None: the bar shows on an interactive stderr only, never in pipes or logs.
-    with tqdm(total=sum(m.num_params for m in layers), desc="FARMS", unit="w", unit_scale=True, file=sys.stderr,
-              disable=None if args.progress else True, leave=False) as bar:
-        for start in range(0, len(layers), size):
-            chunk = range(start, min(start + size, len(layers)))
-            stats[chunk.start:chunk.stop] = analyze_layers(layers, settings, assigned=chunk)[0][chunk.start:chunk.stop]
-            bar.update(sum(layers[i].num_params for i in chunk))
-    return FARMSReport(stats, settings)
 
 
 def format_rows(rows: list[dict[str, Any]], fmt: str, summary: str, title: str, meta: dict[str, Any]) -> str:
@@ -321,10 +359,10 @@ def _cell(row: dict[str, Any], column: str) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _settings_line(weights: Weights, report: FARMSReport) -> str:
+def _settings_line(checkpoint: Checkpoint, report: FARMSReport) -> str:
     s = report.settings
     grid = "" if s["esd"] == "full" else f" m={s['window']} Q={s['aspect_ratio']} k={s['windows_per_dim']}"
-    return f"{shown(weights.path)}: {len(report)} matrices; esd={s['esd']}{grid} fit={s['fit']}"
+    return f"{shown(checkpoint.path)}: {len(report)} matrices; esd={s['esd']}{grid} fit={s['fit']}"
 
 
 def _jsonable(value: Any) -> Any:

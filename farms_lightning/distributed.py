@@ -48,6 +48,8 @@ def analyze_distributed(
     layer_types: Any = None,
     keep_eigenvalues: bool = False,
     frozen_cache: dict | None = None,
+    split_qkv: bool = True,
+    lora: str = "merged",
 ) -> tuple[FARMSReport, float]:
     """Like :func:`~farms_lightning.analyze`, with the layers split across ranks.
 
@@ -57,7 +59,7 @@ def analyze_distributed(
     plain analysis.
     """
     start = time.perf_counter()
-    layers = discover_layers(model, layer_types, include, exclude)
+    layers = discover_layers(model, layer_types, include, exclude, split_qkv=split_qkv, lora=lora)
     mine, world_size = local_share(layers)
     stats, eigenvalues = analyze_layers(layers, settings, assigned=mine, keep_eigenvalues=keep_eigenvalues,
                                         frozen_cache=frozen_cache)

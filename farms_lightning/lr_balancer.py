@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from farms_lightning.callback import FARMSCallback
+from farms_lightning.layers import renamed_layers
 from farms_lightning.lr_scaling import ParamGroupLRScaler
 from farms_lightning.report import FARMSReport
 from farms_lightning.tempbalance import layer_parameters, parameter_factors, validate_mapping_args
@@ -79,8 +80,10 @@ class FARMSLRBalancer(FARMSCallback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layer_params = layer_parameters(pl_module, self.pair_norm_layers, layer_types=self.layer_types,
-                                              include=self.include, exclude=self.exclude)
+                                              include=self.include, exclude=self.exclude, split_qkv=self.split_qkv,
+                                              lora=self.lora)
         self._scaler.attach(trainer.optimizers)
+        self._follow_renames()
         self._param_factors = {id(p): f for name, f in self.lr_factors.items()
                                for p in self._layer_params.get(name, [])}
         super().on_train_start(trainer, pl_module)  # may analyse now: before training, or a resume's catch-up
@@ -108,6 +111,20 @@ class FARMSLRBalancer(FARMSCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.lr_factors = dict(state_dict.get("lr_factors", {}))
+
+    def _follow_renames(self) -> None:
+        """Factors restored from a checkpoint of an earlier version, under the names layers have now."""
+        renamed = renamed_layers(self.lr_factors, self._layer_params)
+        if not renamed:
+            return
+        self._warn_once("renamed", f"FARMSLRBalancer: the restored LR factors name {len(renamed)} layer(s) as an "
+                                   f"earlier version did; they apply to the layers these became: "
+                                   f"{dict(list(renamed.items())[:3])}")
+        factors: dict[str, float] = {}
+        for name, factor in self.lr_factors.items():
+            for new in renamed.get(name, [name]):
+                factors.setdefault(new, factor)
+        self.lr_factors = factors
 
     def _on_report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, report: FARMSReport,
                    entry: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from torchmetrics import Metric
 from farms_lightning.analysis import analyze_layers, resolve_settings
 from farms_lightning.baseline import Baseline, with_baseline
 from farms_lightning.distributed import local_share
-from farms_lightning.layers import discover_layers
+from farms_lightning.layers import discover_layers, validate_discovery_args
 from farms_lightning.report import LayerStats, summarize
 
 #: Columns of the per-layer metric state.
@@ -66,9 +66,10 @@ class FARMSMetric(Metric):
     Args:
         preset: ``"cv"`` or ``"llm"``; ``options`` override it (``window``, ``aspect_ratio``,
             ``windows_per_dim``, ``fit``, ``esd``, ``dtype``, ``min_eigenvalues``, ``peak_bound``).
+        include, exclude, layer_types, split_qkv, lora: layer selection, as for
+            :func:`farms_lightning.analyze`.
         random_baseline: compare every layer with i.i.d. Gaussian matrices of its shape
             (``alpha_delta``; cached per shape, so only the first update pays for it).
-        include, exclude, layer_types: layer selection, as for :func:`farms_lightning.analyze`.
         kwargs: ``torchmetrics.Metric`` arguments.
 
     Example::
@@ -98,9 +99,13 @@ class FARMSMetric(Metric):
         min_eigenvalues: int = 10,
         peak_bound: str = "reference",
         random_baseline: bool = True,
+        split_qkv: bool = True,
+        lora: str = "merged",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        validate_discovery_args(split_qkv, lora)
+        self.split_qkv, self.lora = split_qkv, lora
         self.settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
                                          min_eigenvalues, peak_bound, random_baseline)
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
@@ -112,7 +117,8 @@ class FARMSMetric(Metric):
                        dist_reduce_fx="sum")
 
     def update(self, model: nn.Module) -> None:  # type: ignore[override]
-        layers = discover_layers(model, self.layer_types, self.include, self.exclude)
+        layers = discover_layers(model, self.layer_types, self.include, self.exclude, split_qkv=self.split_qkv,
+                                 lora=self.lora)
         mine, _ = local_share(layers)
         stats, _ = analyze_layers(layers, self.settings, assigned=mine)
         values = torch.zeros(len(layers), len(_COLUMNS), dtype=torch.float64)

@@ -6,12 +6,13 @@ Layers are named as :func:`farms_lightning.analyze` names them, so an allocation
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
 
-from farms_lightning.layers import LAYER_TYPES, LayerMatrix, discover_layers
+from farms_lightning.layers import LAYER_TYPES, LayerMatrix, discover_layers, renamed_layers
 
 METHODS = ("magnitude", "wanda")
 #: Kinds whose inputs Wanda can weigh: the weight multiplies the last dimension of the input.
@@ -25,6 +26,8 @@ def prune_model(
     sparsities: Mapping[str, float],
     method: str = "magnitude",
     calibration: Calibration = None,
+    *,
+    split_qkv: bool = True,
 ) -> dict[str, float]:
     """Zero the least important weights of each named layer, in place, to its sparsity.
 
@@ -49,13 +52,21 @@ def prune_model(
         calibration: for Wanda: a tensor (``model(x)``), a tuple/list (``model(*args)``), a dict
             (``model(**kwargs)``) or a callable (``calibration(model)``). The model runs in eval
             mode under ``torch.no_grad()``; training flags are restored afterwards.
+        split_qkv: name fused q/k/v projections as their parts ``<name>.q|k|v`` (default, as
+            ``analyze`` does) or whole (``False``).
 
     Returns:
         ``{layer name: achieved sparsity}``, the fraction of exact zeros in each pruned matrix.
 
     Raises:
         ValueError: an unknown layer name or method, a sparsity outside ``[0, 1]``, Wanda without
-            ``calibration``, on an unsupported layer kind, or on a layer the calibration never reached.
+            ``calibration``, on an unsupported layer kind, or on a layer the calibration never reached;
+            a layer that cannot be pruned in place (a PEFT LoRA layer: ``merge_and_unload()`` first;
+            parametrized, quantized, sparse or float8 weights).
+
+    Warns:
+        UserWarning: names of earlier versions (a whole fused ``c_attn``, PEFT's ``base_model.model.``
+            prefix): they are pruned as the layers they became, each part with the same sparsity.
 
     Example::
 
@@ -67,41 +78,66 @@ def prune_model(
     bad = {name: s for name, s in sparsities.items() if not (isinstance(s, (int, float)) and 0 <= s <= 1)}
     if bad:
         raise ValueError(f"`sparsities` must be in [0, 1], got {bad}")
-    layers = select_layers(model, sparsities)
+    sparsities = _renamed(model, sparsities, split_qkv)
+    layers = select_layers(model, sparsities, split_qkv=split_qkv)
     norms: dict[str, torch.Tensor] = {}
     if method == "wanda":
         if calibration is None:
             raise ValueError("`calibration` inputs are needed for method='wanda'")
-        unsupported = [layer.name for layer in layers if layer.kind not in WANDA_KINDS]
+        unsupported = [layer.name for layer in layers if layer.kind not in WANDA_KINDS or (
+            layer.kind == "MultiheadAttention" and layer.name.endswith("in_proj"))]  # whole: 3 different inputs
         if unsupported:
             raise ValueError(f"method='wanda' supports {WANDA_KINDS} layers, not {unsupported[:3]}")
         norms = input_norms(model, layers, calibration)
     achieved: dict[str, float] = {}
     with torch.no_grad():
         for layer in layers:
-            matrix = layer.oriented()
+            # A view of the parameter: filling it zeroes the stored weights in place.
+            view = layer.view_of(layer.weight.detach())
+            matrix = view.flatten(0, 1) if view.dim() == 3 and layer.split is not None else view
             count = round(sparsities[layer.name] * matrix.numel())
             if method == "wanda":
                 drop = wanda_mask(matrix, norms[layer.name], count)
             else:
                 drop = smallest(matrix.abs(), count)
-            # `oriented()` is a view of the parameter: filling it zeroes the stored weights in place.
-            matrix.masked_fill_(drop, 0)
-            achieved[layer.name] = float((matrix == 0).sum()) / max(matrix.numel(), 1)
+            view.masked_fill_(drop.reshape(view.shape), 0)
+            achieved[layer.name] = float((view == 0).sum()) / max(view.numel(), 1)
     return achieved
 
 
-def select_layers(model: nn.Module, names: Mapping[str, Any] | Sequence[str]) -> list[LayerMatrix]:
+def _renamed(model: nn.Module, sparsities: Mapping[str, float], split_qkv: bool) -> Mapping[str, float]:
+    """``sparsities`` with names of earlier versions replaced by the layers they became (warned)."""
+    current = {layer.name for layer in discover_layers(model, layer_types=LAYER_TYPES, split_qkv=split_qkv)}
+    renamed = renamed_layers(sparsities, current)
+    if not renamed:
+        return sparsities
+    examples = "; ".join(f"{old} -> {', '.join(new)}" for old, new in list(renamed.items())[:3])
+    warnings.warn(f"`sparsities` names {len(renamed)} layer(s) as earlier versions did (fused q/k/v are now split, "
+                  f"PEFT prefixes stripped): {examples}. Each is pruned as the layers it became, with its "
+                  "sparsity.", UserWarning, stacklevel=3)
+    out: dict[str, float] = {}
+    for name, s in sparsities.items():
+        for new in renamed.get(name, [name]):
+            out.setdefault(new, s)
+    return out
+
+
+def select_layers(model: nn.Module, names: Mapping[str, Any] | Sequence[str], *, split_qkv: bool = True
+                  ) -> list[LayerMatrix]:
     """The model's matrices named in ``names`` (any layer type), each storage once, in model order.
 
     Raises:
-        ValueError: a name that is not a layer of the model.
+        ValueError: a name that is not a layer of the model, or a layer whose weights cannot be
+            changed in place (LoRA-wrapped, parametrized, quantized, sparse, float8).
     """
-    found = {layer.name: layer for layer in discover_layers(model, layer_types=LAYER_TYPES)}
+    found = {layer.name: layer for layer in discover_layers(model, layer_types=LAYER_TYPES, split_qkv=split_qkv)}
     unknown = [name for name in names if name not in found]
     if unknown:
         raise ValueError(f"`sparsities` names {len(unknown)} unknown layer(s), e.g. {unknown[:3]}; "
                          f"layers are named as `analyze` names them, e.g. {list(found)[:3]}")
+    refused = [found[name].write_error() for name in names if found[name].write_error()]
+    if refused:
+        raise ValueError(refused[0] + (f" (and {len(refused) - 1} more layer(s))" if len(refused) > 1 else ""))
     seen: set[tuple] = set()
     layers = []
     for name in found:
@@ -152,7 +188,7 @@ def input_norms(model: nn.Module, layers: Sequence[LayerMatrix], calibration: Ca
             for layer in module_layers:
                 # MultiheadAttention: q, k, v project the query, key and value inputs.
                 if layer.kind == "MultiheadAttention":
-                    position = "qkv".index(layer.name.rsplit(".", 1)[-1][0])
+                    position = layer.split[0] if layer.split else "qkv".index(layer.name.rsplit(".", 1)[-1][0])
                     add(layer.name, args[position] if len(args) > position else
                         kwargs.get(("query", "key", "value")[position]))
                 else:

@@ -10,11 +10,12 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from lightning.pytorch.callbacks import ModelPruning
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from farms_lightning.analysis import analyze, resolve_settings
-from farms_lightning.layers import LayerMatrix, discover_layers
+from farms_lightning.layers import LayerMatrix, discover_layers, renamed_layers, validate_discovery_args
 from farms_lightning.pruners import parameter_owners, smallest
 from farms_lightning.pruning import alpha_sparsity
 
@@ -42,6 +43,12 @@ class FARMSModelPruning(ModelPruning):
             the layers pruned (default: Linear, Conv, attention in-projections, Conv1D).
         apply_pruning, make_pruning_permanent, use_lottery_ticket_hypothesis, verbose,
             prune_on_train_epoch_end: as for Lightning's ``ModelPruning``.
+        split_qkv: fused q/k/v projections are three pruning units (default) or one.
+
+    Raises:
+        ValueError: a bad number or engine option; in ``setup``, a selected layer that cannot be
+            pruned in place (a PEFT LoRA layer: ``merge_and_unload()`` first; parametrized or
+            quantized weights).
 
     Example::
 
@@ -73,6 +80,7 @@ class FARMSModelPruning(ModelPruning):
         use_lottery_ticket_hypothesis: Union[bool, Callable[[int], bool]] = False,
         verbose: int = 0,
         prune_on_train_epoch_end: bool = True,
+        split_qkv: bool = True,
     ) -> None:
         super().__init__("l1_unstructured", parameter_names=["weight"], use_global_unstructured=False,
                          amount=amount, apply_pruning=apply_pruning, make_pruning_permanent=make_pruning_permanent,
@@ -81,6 +89,8 @@ class FARMSModelPruning(ModelPruning):
         # Fail at construction, not epochs into training, on bad numbers or engine options.
         alpha_sparsity({}, 0.0 if callable(amount) else amount, epsilon, blocks=blocks, max_sparsity=max_sparsity)
         resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype, min_eigenvalues, peak_bound)
+        validate_discovery_args(split_qkv, "merged")
+        self.split_qkv = split_qkv
         self.epsilon, self.blocks, self.max_sparsity = epsilon, blocks, max_sparsity
         self.analysis: dict[str, Any] = dict(preset=preset, window=window, aspect_ratio=aspect_ratio, windows_per_dim=windows_per_dim,
                              fit=fit, esd=esd, dtype=dtype, include=include, exclude=exclude, layer_types=layer_types,
@@ -95,7 +105,10 @@ class FARMSModelPruning(ModelPruning):
         if not self._targets:  # resolved once: after pruning, `weight` is no longer a parameter
             owners = parameter_owners(pl_module)
             layers = discover_layers(pl_module, self.analysis["layer_types"], self.analysis["include"],
-                                     self.analysis["exclude"])
+                                     self.analysis["exclude"], split_qkv=self.split_qkv)
+            refused = [error for layer in layers if (error := layer.write_error())]
+            if refused:
+                raise ValueError(f"FARMSModelPruning: {refused[0]}")
             self._targets = [(layer, *owners[id(layer.weight)]) for layer in layers if id(layer.weight) in owners]
             self._parameters_to_prune = list(dict.fromkeys((m, n) for _, m, n in self._targets))
         self._module = pl_module
@@ -106,9 +119,10 @@ class FARMSModelPruning(ModelPruning):
         prev = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune] if self._verbose else []
         if not self.alphas:  # once, from the dense weights: zeros would change the spectra
             assert self._module is not None, "setup() runs before any pruning"
-            report = analyze(self._module, **self.analysis)
+            report = analyze(self._module, **self.analysis, split_qkv=self.split_qkv)
             self.alphas = {s.name: s.alpha for s in report.layers if not s.reason.startswith("shares weights")}
         counts = {layer.name: layer.num_params for layer, _, _ in self._targets}
+        self._follow_renames(counts)
         self.sparsities = alpha_sparsity(self.alphas, float(amount), self.epsilon,
                                          param_counts={name: counts[name] for name in self.alphas},
                                          blocks=self.blocks, max_sparsity=self.max_sparsity)
@@ -119,15 +133,32 @@ class FARMSModelPruning(ModelPruning):
                 drop = torch.zeros_like(weight, dtype=torch.bool)
                 for layer, m, n in self._targets:
                     if m is module and n == name and layer.name in self.sparsities:
-                        rows = layer.rows or slice(None)
+                        part_old, part_weight = layer.view_of(old), layer.view_of(weight)
                         # Pruned entries score -1, below every magnitude: they are chosen first.
-                        scores = torch.where(old[rows] == 0, -1.0, weight[rows].abs().to(torch.float64))
-                        count = max(round(self.sparsities[layer.name] * scores.numel()), int((old[rows] == 0).sum()))
-                        drop[rows] = smallest(scores, count)
+                        scores = torch.where(part_old == 0, -1.0, part_weight.abs().to(torch.float64))
+                        scores = scores.flatten(0, 1) if scores.dim() == 3 and layer.split is not None else scores
+                        count = max(round(self.sparsities[layer.name] * scores.numel()), int((part_old == 0).sum()))
+                        part_drop = layer.view_of(drop)
+                        part_drop.copy_(smallest(scores, count).reshape(part_drop.shape))
                 torch_prune.custom_from_mask(module, name, ~drop)
         if self._verbose:
             self._log_sparsity_stats(prev, [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune],
                                      amount=amount)
+
+    def _follow_renames(self, counts: dict[str, int]) -> None:
+        """Alphas restored from a checkpoint of an earlier version, under the names layers have now."""
+        renamed = renamed_layers(self.alphas, counts)
+        gone = [name for name in self.alphas if name not in counts and name not in renamed]
+        if not renamed and not gone:
+            return
+        rank_zero_warn(f"FARMSModelPruning: the restored alphas name {len(renamed) + len(gone)} layer(s) as an "
+                       f"earlier version did (fused q/k/v are now split, PEFT prefixes stripped); renamed: "
+                       f"{dict(list(renamed.items())[:3])}, dropped: {gone[:3]}")
+        alphas: dict[str, Optional[float]] = {}
+        for name, alpha in self.alphas.items():
+            for new in renamed.get(name, [name] if name in counts else []):
+                alphas.setdefault(new, alpha)
+        self.alphas = alphas
 
     def state_dict(self) -> dict[str, Any]:
         return {"alphas": dict(self.alphas), "sparsities": dict(self.sparsities)}

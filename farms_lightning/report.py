@@ -21,7 +21,8 @@ RANDOM_SPREAD_FACTOR = 1.5
 class LayerStats:
     """FARMS statistics of one weight matrix; ``status`` is ``"ok"`` exactly when alpha is a float.
 
-    ``"skipped"`` layers were not analysable and ``"failed"`` ones gave no fit; ``reason`` says why.
+    ``"skipped"`` layers were not analysable and ``"failed"`` ones gave no fit; ``reason`` says why
+    (for an ``"ok"`` layer it is empty, or a note on how it was read, e.g. a fused projection left whole).
     Metrics are ``None`` where they do not exist (skipped layers have none). ``lambda_max``,
     ``log_spectral_norm``, ``norm``, ``log_norm`` and ``stable_rank`` describe the whole weight
     matrix (a conv: its unscaled ``(out, in/groups·kh·kw)`` reshape, the mean over groups), in every
@@ -115,7 +116,7 @@ class FARMSReport(Mapping[str, LayerStats]):
                 *((_fmt(layer.alpha_random), _fmt(layer.alpha_delta)) if baseline else ()),
                 _fmt(layer.D),
                 str(layer.num_evals),
-                layer.status if layer.status == "ok" else f"{layer.status}: {layer.reason}",
+                f"{layer.status}: {layer.reason}" if layer.reason else layer.status,
             )
             for layer in self.layers
         ]

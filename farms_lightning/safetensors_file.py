@@ -17,7 +17,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -87,6 +87,11 @@ class SafetensorsFile:
     def metadata(self) -> dict[str, str] | None:
         return None if self._metadata is None else dict(self._metadata)
 
+    def spec(self, key: str) -> torch.Tensor:
+        """The tensor's shape and dtype as a ``meta`` tensor: nothing is read."""
+        entry = self._entries[key]
+        return torch.empty(entry["shape"], dtype=DTYPES[entry["dtype"]], device="meta")
+
     def get_tensor(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
         dtype, shape, (begin, end) = DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
@@ -110,11 +115,14 @@ class SafetensorsFile:
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path,
-                     metadata: Mapping[str, str] | None = None) -> None:
+                     metadata: Mapping[str, str] | None = None,
+                     load: Callable[[str], torch.Tensor] | None = None) -> None:
     """Write ``tensors`` to ``path`` as safetensors, one tensor at a time; ``OSError`` on failure.
 
     Tensors are laid out by decreasing element size, then by name (as the ``safetensors`` package
-    does, so every tensor is aligned to its element size); the header is padded to 8 bytes.
+    does, so every tensor is aligned to its element size); the header is padded to 8 bytes. With
+    ``load``, ``tensors`` only give shapes and dtypes (e.g. ``meta`` tensors) and each tensor's data
+    is ``load(key)``, asked for just before it is written: a streaming writer holds one tensor.
     """
     names = {v: k for k, v in DTYPES.items()}
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
@@ -133,6 +141,10 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path,
         file.write(len(text).to_bytes(8, "little"))
         file.write(text)
         for key in order:
-            flat = tensors[key].detach().to("cpu").contiguous().reshape(-1)
+            tensor = tensors[key] if load is None else load(key)
+            if tensor.shape != tensors[key].shape or tensor.dtype != tensors[key].dtype:
+                raise ValueError(f"tensor {key!r}: loaded {tensor.dtype} {tuple(tensor.shape)}, the header says "
+                                 f"{tensors[key].dtype} {tuple(tensors[key].shape)}")
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
             if flat.numel():
                 file.write(flat.view(torch.uint8).numpy().data)

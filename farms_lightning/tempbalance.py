@@ -13,7 +13,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from farms_lightning.layers import LAYER_TYPES, LayerMatrix, discover_layers
+from farms_lightning.layer_sources import lora_trainable_parameters
+from farms_lightning.layers import LAYER_TYPES, LayerMatrix, discover_layers, stored_weight
 from farms_lightning.report import FARMSReport
 
 LR_MAPPINGS = ("tb_linear_map", "tb_sqrt", "tb_log2", "tb_step")
@@ -76,7 +77,7 @@ def tuned_units(
     (the q/k/v of one MHA in-projection are one unit), minus the first and the last unit."""
     units: dict[int, list[str]] = {}
     for s in report.layers:
-        if s.status == "ok" and s.type != "Embedding" and s.name in layer_params:
+        if s.status == "ok" and s.type != "Embedding" and layer_params.get(s.name):
             units.setdefault(id(layer_params[s.name][0]), []).append(s.name)
     ordered = list(units.values())
     start = 1 if remove_first_layer else 0
@@ -88,29 +89,40 @@ def layer_parameters(model: nn.Module, pair_norm_layers: bool = True, **discover
     """For every analysable layer name, the parameters its learning-rate factor applies to.
 
     The weight and bias of the layer's module (an MHA in-projection: ``in_proj_weight`` and
-    ``in_proj_bias``, shared by its q/k/v matrices), plus, with ``pair_norm_layers``, the
-    BatchNorm that directly follows it with matching features or whose name is the layer's with
-    ``bn`` for ``conv``. ``discovery`` are :func:`~farms_lightning.layers.discover_layers` options.
+    ``in_proj_bias``, shared by its q/k/v matrices; a fused q/k/v projection: its one weight, so
+    q, k and v are one unit), plus, with ``pair_norm_layers``, the BatchNorm that directly follows
+    it with matching features or whose name is the layer's with ``bn`` for ``conv``. A PEFT LoRA
+    layer's factor applies to its trainable ``lora_A``/``lora_B`` parameters (the base weight is
+    frozen); a quantized layer has none. ``discovery`` are
+    :func:`~farms_lightning.layers.discover_layers` options.
     """
     layers = discover_layers(model, **discovery)  # type: ignore[arg-type]
     modules = dict(model.named_modules())
     by_weight = {id(layer.weight): layer for layer in layers}
-    params: dict[str, list[torch.Tensor]] = {}
-    for layer in layers:
-        params[layer.name] = [layer.weight] + _biases(layer, modules)
+    params: dict[str, list[torch.Tensor]] = {layer.name: _own_parameters(layer) for layer in layers}
     if pair_norm_layers:
         for norm_name, norm_layer in _norm_pairs(model, by_weight).items():
-            params[norm_layer].extend(p for p in modules[norm_name].parameters(recurse=False))
+            if params[norm_layer]:
+                params[norm_layer].extend(p for p in modules[norm_name].parameters(recurse=False))
     return params
 
 
-def _biases(layer: LayerMatrix, modules: dict[str, nn.Module]) -> list[torch.Tensor]:
-    for module in modules.values():
-        if getattr(module, "weight", None) is layer.weight and isinstance(getattr(module, "bias", None), nn.Parameter):
-            return [module.bias]  # type: ignore[list-item]
-        if getattr(module, "in_proj_weight", None) is layer.weight and module.in_proj_bias is not None:
-            return [module.in_proj_bias]  # type: ignore[list-item]
-    return []
+def _own_parameters(layer: LayerMatrix) -> list[torch.Tensor]:
+    module = layer.module
+    if layer.origin == "lora":
+        return lora_trainable_parameters(module)  # type: ignore[arg-type]
+    if layer.origin == "quantized" or module is None:
+        return []
+    if layer.origin == "parametrized":  # every original (weight_norm: the direction and the magnitude)
+        originals = [p for p in module.parametrizations["weight"].parameters()]  # type: ignore[index, union-attr]
+        first = [p for p in originals if p is layer.weight]
+        bias = getattr(module, "bias", None)
+        return first + [p for p in originals if p is not layer.weight] + ([bias] if isinstance(bias, nn.Parameter) else [])
+    if isinstance(module, nn.MultiheadAttention):
+        bias = module.in_proj_bias if module.in_proj_weight is layer.weight else None
+    else:
+        bias = getattr(module, "bias", None)
+    return [layer.weight] + ([bias] if isinstance(bias, nn.Parameter) else [])
 
 
 def _norm_pairs(model: nn.Module, by_weight: dict[int, LayerMatrix]) -> dict[str, str]:
@@ -119,9 +131,10 @@ def _norm_pairs(model: nn.Module, by_weight: dict[int, LayerMatrix]) -> dict[str
     names = {layer.name for layer in by_weight.values()}
     previous: tuple[LayerMatrix, int] | None = None
     for name, module in model.named_modules():
-        layer = by_weight.get(id(getattr(module, "weight", None)))
-        if layer is not None:
-            previous = (layer, module.weight.shape[0])  # type: ignore[union-attr]
+        weight = stored_weight(module)
+        layer = by_weight.get(id(weight)) if weight is not None else None
+        if layer is not None and weight is not None:
+            previous = (layer, weight.shape[0])
         elif isinstance(module, NORM_TYPES):
             by_name = name.replace("bn", "conv")
             if by_name != name and by_name in names:
@@ -196,6 +209,6 @@ def farms_param_groups(
     layers = {layer.name: layer for layer in discover_layers(model, layer_types=LAYER_TYPES)}
     for name, params in layer_parameters(model, pair_norm_layers, layer_types=LAYER_TYPES).items():
         layer = layers[name]
-        add(name.rsplit(".", 1)[0] if layer.rows is not None else name, params)
+        add(name.rsplit(".", 1)[0] if layer.split is not None else name, params)
     add("other", list(model.parameters()))
     return groups

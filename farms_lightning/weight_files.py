@@ -6,6 +6,12 @@ with ``weights_only=True`` unless the caller trusts pickles. A folder is a shard
 names the shards (as Hugging Face writes), that map says which shard owns which key. Every read
 maps its ``OSError`` to exit 3, every write to exit 5 (:mod:`farms_lightning.safe_io`); outputs are
 written atomically, a folder beside its target and renamed into place at the end.
+
+``load_weights(..., lazy=True)`` reads no tensor data: its ``state_dict`` holds ``meta`` tensors
+(shapes and dtypes) for streaming (:mod:`farms_lightning.streaming`), and ``ties`` says which keys
+read the same memory, found by key: within one torch file while all its tensors are alive, and from
+the aliases a safetensors file lists in its metadata (``{"lm_head.weight": "embed.weight"}``, as
+``safetensors.torch.save_model`` writes for a tied weight it stores once).
 """
 
 from __future__ import annotations
@@ -47,29 +53,62 @@ class Weights:
     files: dict[str, tuple[list[str], dict[str, str] | None]] = field(default_factory=dict)  # name: keys, metadata
     containers: dict[str, Any] = field(default_factory=dict)  # a folder's torch files: name -> loaded object
     sources: list[Path] = field(default_factory=list)  # every file read: no output may be written over them
+    #: key -> the first key of its file reading the same memory (tied weights, safetensors aliases).
+    ties: dict[str, str] = field(default_factory=dict)
 
 
-def load_weights(path: Path, trust_pickle: bool = False) -> Weights:
-    """Read a checkpoint, state dict, safetensors file or folder of them (exit code 3 on failure)."""
+def load_weights(path: Path, trust_pickle: bool = False, lazy: bool = False) -> Weights:
+    """Read a checkpoint, state dict, safetensors file or folder of them (exit code 3 on failure).
+
+    With ``lazy``, tensors are ``meta`` stand-ins (no data is kept; torch files are memory-mapped
+    while their keys are listed) and no torch container is kept.
+    """
     with input_errors(path):
         is_dir = path.is_dir()
         is_file = not is_dir and path.is_file()
     if is_dir:
-        return _load_folder(path, trust_pickle)
+        return _load_folder(path, trust_pickle, lazy)
     if not is_file:
         raise CLIError(f"{shown(path)}: no such file or folder", EXIT_INPUT)
     kind = sniff_format(path)
     if kind == "safetensors":
-        tensors, metadata = read_safetensors(path)
-        return Weights(path, "safetensors", tensors, files={path.name: (list(tensors), metadata)}, sources=[path])
+        tensors, metadata = read_safetensors(path, lazy)
+        weights = Weights(path, "safetensors", tensors, files={path.name: (list(tensors), metadata)}, sources=[path])
+        _add_aliases(weights, tensors, metadata)
+        return weights
     if kind != "torch":
         raise CLIError(f"{shown(path)}: unknown format: neither a torch file (zip archive or pickle: "
                        f".ckpt/.pt/.pth/.bin) nor safetensors, nor a folder of such files", EXIT_INPUT)
-    tensors, container = read_torch(path, trust_pickle)
-    return Weights(path, "torch", tensors, container=container, sources=[path])
+    tensors, container = read_torch(path, trust_pickle, mmap=lazy)
+    weights = Weights(path, "torch", tensors, container=container, sources=[path])
+    if lazy:
+        _make_lazy(weights, tensors)
+    return weights
 
 
-def _load_folder(path: Path, trust_pickle: bool) -> Weights:
+def _make_lazy(weights: Weights, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace one torch file's tensors by ``meta`` stand-ins, recording which keys share memory.
+
+    Every tensor of the file is alive here, so equal storage addresses do mean shared memory.
+    """
+    first: dict[tuple, str] = {}
+    for key, tensor in tensors.items():
+        where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and first.setdefault(where, key) != key:
+            weights.ties[key] = first[where]
+        weights.state_dict[key] = torch.empty_like(tensor, device="meta")
+    weights.container = None
+
+
+def _add_aliases(weights: Weights, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+    """A safetensors file's metadata aliases (``{removed key: stored key}``) as tied keys."""
+    for alias, kept in (metadata or {}).items():
+        if alias not in tensors and kept in tensors and alias not in weights.state_dict:
+            weights.state_dict[alias] = tensors[kept]  # the same tensor object: analysed once
+            weights.ties[alias] = kept
+
+
+def _load_folder(path: Path, trust_pickle: bool, lazy: bool = False) -> Weights:
     """A sharded model: every key from exactly one shard (exit 3 for a key in two, or against the index)."""
     with input_errors(path):
         # A temporary file left by a killed run (their names start with TEMP_PREFIX) is no shard.
@@ -90,7 +129,7 @@ def _load_folder(path: Path, trust_pickle: bool) -> Weights:
     owner: dict[str, str] = {}
     for file in shards:
         try:
-            tensors, metadata, container = _read_shard(file, trust_pickle)
+            tensors, metadata, container = _read_shard(file, trust_pickle, lazy)
         except CLIError:
             if file.name not in listed and file.suffix != ".safetensors":
                 continue  # a torch file the index does not name and that is no state dict (training_args.bin)
@@ -108,8 +147,13 @@ def _load_folder(path: Path, trust_pickle: bool) -> Weights:
                 where = f"maps it to {shown(index[key])}" if key in index else "does not list it"
                 raise CLIError(f"{shown(file)} holds {key!r} but {shown(index_files[0].name)} {where}", EXIT_INPUT)
             owner[key] = file.name
-        weights.state_dict.update(tensors)
         weights.files[file.name] = (list(tensors), metadata)
+        if lazy and container is not None:
+            _make_lazy(weights, tensors)
+            container = None
+        else:
+            weights.state_dict.update(tensors)
+        _add_aliases(weights, tensors, metadata)
         if container is not None:
             weights.containers[file.name] = container
         weights.sources.append(file)
@@ -148,20 +192,29 @@ def _read_index(entries: list[Path], suffixes: tuple[str, ...]) -> tuple[dict[st
     return (weight_map if used else None), used
 
 
-def _read_shard(file: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, Any]:
+def _read_shard(file: Path, trust_pickle: bool, lazy: bool = False
+                ) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, Any]:
     if file.suffix == ".safetensors":
-        return (*read_safetensors(file), None)
-    tensors, container = read_torch(file, trust_pickle)
+        return (*read_safetensors(file, lazy), None)
+    tensors, container = read_torch(file, trust_pickle, mmap=lazy)
     return tensors, None, container
 
 
-def read_torch(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor], Any]:
-    """The tensors of a torch state dict file (or of its ``"state_dict"``) and the loaded object."""
+def read_torch(path: Path, trust_pickle: bool, mmap: bool = False) -> tuple[dict[str, torch.Tensor], Any]:
+    """The tensors of a torch state dict file (or of its ``"state_dict"``) and the loaded object.
+
+    With ``mmap``, a zip-format file whose name is valid UTF-8 is memory-mapped (copy-on-write:
+    the file is never modified), so its tensors cost no anonymous memory until they are written to.
+    """
     with input_errors(path):
         file = open(path, "rb")  # opened here: any file name, and its OSError is an input error
     with file:
         try:
-            obj = torch.load(file, map_location="cpu", weights_only=not trust_pickle)
+            with input_errors(path):
+                mapped = mmap and file.read(4) == b"PK\x03\x04" and _utf8(path)
+                file.seek(0)
+            source: Any = str(path) if mapped else file  # torch maps only a file named by a path
+            obj = torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=bool(mapped))
         except OSError as error:
             raise CLIError(f"cannot read {shown(path)}: {reason(error)}", EXIT_INPUT) from None
         except Exception as error:  # noqa: BLE001 - any reader failure is a clear input error
@@ -179,6 +232,14 @@ def read_torch(path: Path, trust_pickle: bool) -> tuple[dict[str, torch.Tensor],
     return {k: v for k, v in inner.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}, obj
 
 
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # a name with bytes that are not UTF-8 (kept as surrogates)
+        return False
+
+
 def sniff_format(path: Path) -> str | None:
     """``"torch"`` or ``"safetensors"`` from the file's first bytes; ``None`` when neither."""
     with input_errors(path), open(path, "rb") as f:
@@ -190,11 +251,11 @@ def sniff_format(path: Path) -> str | None:
     return "safetensors" if path.suffix.lower() == ".safetensors" else None  # e.g. a truncated header
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
-    """Every tensor of a safetensors file and its metadata (exit 3 on failure)."""
+def read_safetensors(path: Path, lazy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """Every tensor of a safetensors file (``lazy``: ``meta`` stand-ins) and its metadata (exit 3 on failure)."""
     try:
         with input_errors(path), SafetensorsFile(path) as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+            return {key: f.spec(key) if lazy else f.get_tensor(key) for key in f.keys()}, f.metadata()
     except ValueError as error:
         raise CLIError(f"cannot read {shown(path)} as safetensors (truncated or corrupt?): {error}",
                        EXIT_INPUT) from None

@@ -6,6 +6,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+# The CLI's results are compared with the in-memory CPU analysis: its default device is the CPU here
+# also on a GPU machine (CUDA tests ask for --device cuda).
+os.environ.setdefault("FARMS_LIGHTNING_DEVICE", "cpu")
 
 
 @pytest.fixture

@@ -119,6 +119,28 @@ def fit(ev, method: str = "median", min_evals: int = 10, peak_bound: str = "refe
     return result
 
 
+def grouped_conv_block_eigs(w: np.ndarray, groups: int, q: float = 1.0) -> list[np.ndarray]:
+    """A grouped conv as ``groups`` separate convs: every group's blocks, group after group."""
+    w = np.asarray(w, dtype=np.float64)
+    size = w.shape[0] // groups
+    return [ev for g in range(groups) for ev in conv_block_eigs(w[g * size:(g + 1) * size], q)]
+
+
+def block_diagonal_conv_full_eigs(w: np.ndarray, groups: int) -> np.ndarray:
+    """Full ESD of a grouped conv: per kernel position the dense block-diagonal (out, in) matrix."""
+    w = np.asarray(w, dtype=np.float64)
+    out, per_group = w.shape[:2]
+    size = out // groups
+    flat = w.reshape(out, per_group, -1)
+    evs = []
+    for p in range(flat.shape[2]):
+        dense = np.zeros((out, per_group * groups))
+        for g in range(groups):
+            dense[g * size:(g + 1) * size, g * per_group:(g + 1) * per_group] = flat[g * size:(g + 1) * size, :, p]
+        evs.append(full_eigs(math.sqrt(0.5) * dense)[-min(out, per_group * groups):])
+    return np.sort(np.concatenate(evs))
+
+
 # ------------------------------------------------------------------ the published method, in float64
 
 

@@ -37,8 +37,10 @@ def test_discovery_names_kinds_and_order():
         ("attn.in_proj.v", "MultiheadAttention"), ("attn.out_proj", "Linear"),
         ("attn_kv.q_proj", "MultiheadAttention"), ("attn_kv.k_proj", "MultiheadAttention"),
         ("attn_kv.v_proj", "MultiheadAttention"), ("attn_kv.out_proj", "Linear"),
-        ("c_attn", "Conv1D"), ("head", "Linear"),
+        ("c_attn.q", "Conv1D"), ("c_attn.k", "Conv1D"), ("c_attn.v", "Conv1D"), ("head", "Linear"),
     ]
+    whole = [l.name for l in discover_layers(Zoo(), split_qkv=False)]
+    assert "attn.in_proj" in whole and "c_attn" in whole and not any(n.endswith((".q", ".k", ".v")) for n in whole)
     with_embedding = [l.name for l in discover_layers(Zoo(), layer_types=[*DEFAULTS, "Embedding"])]
     assert with_embedding[0] == "embed"
 
@@ -52,8 +54,11 @@ def test_split_and_transposed_matrices_read_the_right_values():
     e = 64
     assert torch.equal(layers["attn.in_proj.k"].oriented(), model.attn.in_proj_weight[e:2 * e])
     assert layers["attn.in_proj.k"].shape == (64, 64) and layers["attn.in_proj.k"].num_params == 64 * 64
-    assert torch.equal(layers["c_attn"].oriented(), model.c_attn.weight.T)
-    assert layers["c_attn"].shape == (64, 192)
+    # GPT-2 Conv1D stores (in, out): q/k/v are column thirds of the stored weight.
+    assert torch.equal(layers["c_attn.k"].oriented(), model.c_attn.weight.T[e:2 * e])
+    assert layers["c_attn.k"].shape == (64, 64) and layers["c_attn.k"].num_params == 64 * 64
+    whole = {l.name: l for l in discover_layers(model, split_qkv=False)}
+    assert torch.equal(whole["c_attn"].oriented(), model.c_attn.weight.T) and whole["c_attn"].shape == (64, 192)
     assert torch.equal(layers["attn_kv.k_proj"].oriented(), model.attn_kv.k_proj_weight)
 
 
@@ -65,7 +70,7 @@ def test_type_and_name_filters():
     assert [l.name for l in discover_layers(model, include="attn.*")] == [
         "attn.in_proj.q", "attn.in_proj.k", "attn.in_proj.v", "attn.out_proj"]
     names = [l.name for l in discover_layers(model, exclude=["*.in_proj.*", "*_proj", "conv*"])]
-    assert names == ["c_attn", "head"]  # "*_proj" matches the out_proj layers too
+    assert names == ["c_attn.q", "c_attn.k", "c_attn.v", "head"]  # "*_proj" matches the out_proj layers too
     with pytest.raises(ValueError, match="layer_types"):
         discover_layers(model, layer_types=["Dense"])
     with pytest.raises(ValueError, match="include"):

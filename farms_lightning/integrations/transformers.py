@@ -17,6 +17,7 @@ from transformers.trainer_callback import CallbackHandler
 
 from farms_lightning.analysis import resolve_settings
 from farms_lightning.distributed import analyze_distributed
+from farms_lightning.layers import validate_discovery_args
 from farms_lightning.history import HISTORY_FORMATS, history_entry, history_path, report_scalars, write_history
 from farms_lightning.lr_scaling import ParamGroupLRScaler
 from farms_lightning.report import FARMSReport
@@ -62,7 +63,9 @@ class FARMSTrainerCallback(TrainerCallback):
         save_history: also write the history as ``"json"`` or ``"csv"`` into ``args.output_dir``
             (``<prefix>_history.<format>``, main process only).
         prefix: the first component of every key.
-        include, exclude, layer_types: layer selection, as for :func:`farms_lightning.analyze`.
+        include, exclude, layer_types, split_qkv, lora: layer selection, as for
+            :func:`farms_lightning.analyze` (a PEFT LoRA model: its layers by their own names, the
+            effective weights, TempBalance on the adapters).
         lr_balance: apply TempBalance factors (``lr_balance_method``, ``lr_min_ratio``,
             ``lr_max_ratio``, ``remove_first_layer``, ``remove_last_layer``, ``pair_norm_layers``
             as for :class:`~farms_lightning.FARMSLRBalancer`); factors are logged as
@@ -103,6 +106,8 @@ class FARMSTrainerCallback(TrainerCallback):
         remove_first_layer: bool = True,
         remove_last_layer: bool = True,
         pair_norm_layers: bool = True,
+        split_qkv: bool = True,
+        lora: str = "merged",
         **engine: Any,
     ) -> None:
         try:
@@ -127,6 +132,8 @@ class FARMSTrainerCallback(TrainerCallback):
         self.log_metrics, self.log_summary = tuple(log_metrics), log_summary
         self.save_history, self.prefix = save_history, prefix
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
+        validate_discovery_args(split_qkv, lora)
+        self.split_qkv, self.lora = split_qkv, lora
         self.lr_balance, self.lr_balance_method = lr_balance, lr_balance_method
         self.lr_min_ratio, self.lr_max_ratio = lr_min_ratio, lr_max_ratio
         self.remove_first_layer, self.remove_last_layer = remove_first_layer, remove_last_layer
@@ -155,7 +162,8 @@ class FARMSTrainerCallback(TrainerCallback):
                                      "trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(farms)).")
         if self.lr_balance:
             self._layer_params = layer_parameters(model, self.pair_norm_layers, layer_types=self.layer_types,
-                                                  include=self.include, exclude=self.exclude)
+                                                  include=self.include, exclude=self.exclude,
+                                                  split_qkv=self.split_qkv, lora=self.lora)
             # Accelerate wraps the optimizer; its step calls the torch optimizer's, where the hooks go.
             self._scaler.attach([getattr(optimizer, "optimizer", optimizer)])
         if self.analyze_on_train_start and state.global_step == 0 and not self.history:
@@ -193,7 +201,8 @@ class FARMSTrainerCallback(TrainerCallback):
         if model is None:
             return
         report, elapsed = analyze_distributed(model, self.settings, self.include, self.exclude, self.layer_types,
-                                              frozen_cache=self._frozen_cache)
+                                              frozen_cache=self._frozen_cache, split_qkv=self.split_qkv,
+                                              lora=self.lora)
         self.last_report = report
         entry = history_entry(report, stage, epoch, state.global_step, elapsed)
         for stats in report.layers:
