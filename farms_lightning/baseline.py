@@ -16,6 +16,7 @@ each shape once; layers of one shape share one baseline.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import threading
 from dataclasses import dataclass
@@ -80,16 +81,24 @@ def cache_key(layer: LayerMatrix, settings: dict[str, Any]) -> tuple:
     normalised["dtype"] = resolve_dtype(settings.get("dtype"))
     w = layer.weight
     device = "meta" if layer.is_lazy else str(w.device)
-    return (layer.kind, tuple(layer.matrix().shape), layer.transposed, device,
+    return (layer.kind, analysed_shape(layer), layer.groups, device,
             tuple(sorted((k, repr(v)) for k, v in normalised.items())))
+
+
+def analysed_shape(layer: LayerMatrix) -> tuple[int, ...]:
+    """The shape of :meth:`LayerMatrix.oriented` without reading the weight: ``(out, in)`` for
+    matrices (a q/k/v part its own third), the stored shape for convolutions."""
+    shape = tuple(layer.shape)
+    return (shape[1], shape[0]) if layer.transposed and len(shape) == 2 else shape
 
 
 def random_baselines(layers: Sequence[LayerMatrix], settings: dict[str, Any], analyse: Analyse) -> list[Baseline]:
     """The baseline of every layer, computed for shapes not yet in the cache.
 
     ``analyse(layers, settings)`` is the engine (``analyze_layers`` without the baseline): it is
-    given :data:`BASELINE_DRAWS` random stand-ins per new shape, each the layer with its weight
-    replaced, so convolutions, split in-projections and ``Conv1D`` follow the layer's own rules.
+    given :data:`BASELINE_DRAWS` random stand-ins per new shape: plain layers of the same kind, conv
+    groups and analysed shape (q/k/v parts, ``Conv1D`` and LoRA layers are compared with a plain
+    matrix of the shape they are analysed as).
     """
     keys = [cache_key(layer, settings) for layer in layers]
     with _lock:
@@ -109,12 +118,15 @@ def _analyse_draws(layer: LayerMatrix, settings: dict[str, Any], analyse: Analys
     instead of holding all draws at once.
     """
     plain = {**settings, "random_baseline": False}
-    per_batch = max(1, BATCH_ELEMENTS // max(1, layer.matrix().numel()))
+    shape = analysed_shape(layer)
+    per_batch = max(1, BATCH_ELEMENTS // max(1, math.prod(shape)))
     device = layer.weight.device
     alphas: list[float | None] = []
     batch: list[LayerMatrix] = []
-    for d, w in enumerate(random_matrices(layer.matrix().shape)):
-        batch.append(dataclasses.replace(layer, name=f"random[{d}]", weight=w.to(device), rows=None))
+    for d, w in enumerate(random_matrices(shape)):
+        # A plain stand-in of the analysed shape: same kind and conv groups, nothing to split or read.
+        batch.append(dataclasses.replace(layer, name=f"random[{d}]", weight=w.to(device), transposed=False,
+                                         split=None, module=None, reader=None, origin="", skip_reason="", note=""))
         if len(batch) == per_batch:
             alphas += [s.alpha if s is not None else None for s in analyse(batch, plain)]
             batch = []
