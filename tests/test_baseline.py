@@ -145,3 +145,14 @@ def test_huge_layers_are_analysed_draw_by_draw_with_equal_results(monkeypatch):
     baseline.clear_cache()
     assert calls.count(1) == 10  # 5 draws for each of the 2 shapes, one per engine call
     assert one_by_one.layers == batched.layers and batched["0"].alpha_random is not None
+
+
+def test_every_layer_kind_gets_a_baseline_of_its_analysed_shape():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(64, 4), "grouped": nn.Conv2d(32, 64, 3, groups=2),
+                           "lin": nn.Linear(64, 64)})
+    report = analyze(model)
+    fitted = [s for s in report.layers if s.alpha is not None]
+    assert len(fitted) >= 5 and all(s.alpha_random is not None for s in fitted), report.to_table()
+    q = next(s for s in fitted if s.name.endswith(".q") or s.name.endswith("q_proj"))
+    assert q.alpha_random == report["lin"].alpha_random  # a 64x64 q part is compared with a 64x64 matrix
