@@ -42,11 +42,11 @@ from farms_lightning.cli_distributed import (
 from farms_lightning.distributed import distributed_context
 from farms_lightning.layers import LAYER_TYPES, LayerMatrix
 from farms_lightning.cli_parsing import Parser, UsageError, name_subcommands, parse_arguments
-from farms_lightning.pruning import alpha_sparsity, uniform_sparsity
+from farms_lightning.pruning import alpha_sparsity, is_shared, uniform_sparsity
 from farms_lightning.report import FARMSReport
 from farms_lightning.weight_files import _first_line
 from farms_lightning.stats_cache import StatsCache
-from farms_lightning.stream_prune import prune_stream
+from farms_lightning.stream_prune import check_prunable, prune_stream
 from farms_lightning.streaming import (
     Checkpoint,
     StreamOptions,
@@ -267,10 +267,13 @@ def run_prune(args: argparse.Namespace) -> int:
                 print("farms-lightning: warning: no layer could be fitted; every layer gets --sparsity",
                       file=sys.stderr)
         else:
-            sparsities = uniform_sparsity([m.name for m in layers], args.sparsity)
+            sparsities = uniform_sparsity([m.name for m in layers if not is_shared(m.skip_reason)], args.sparsity)
     # A layer reading the memory of an earlier selected one is pruned with it (alpha_sparsity leaves it out).
     tied = {layers[i].name for i in tied_owners(checkpoint, layers)}
-    achieved = prune_stream(checkpoint, {n: s for n, s in sparsities.items() if n not in tied}, out)
+    targets = {n: s for n, s in sparsities.items() if n not in tied}
+    with _usage_errors():  # before any write: e.g. LoRA adapter tensors ("merge first")
+        check_prunable(checkpoint, targets)
+    achieved = prune_stream(checkpoint, targets, out)
     if distributed_context()[0] != 0:
         return EXIT_OK
     layers_by_name = {m.name: m for m in checkpoint.all_layers}

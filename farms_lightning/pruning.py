@@ -116,7 +116,7 @@ def uniform_sparsity(layers: FARMSReport | nn.Module | Iterable[str], sparsity: 
     """
     _check_fraction(sparsity, "sparsity")
     if isinstance(layers, FARMSReport):
-        names: Iterable[str] = [s.name for s in layers.layers if not _is_shared(s.reason)]
+        names: Iterable[str] = [s.name for s in layers.layers if not is_shared(s.reason)]
     elif isinstance(layers, nn.Module):
         names = [layer.name for layer in discover_layers(layers)]
     else:
@@ -136,7 +136,8 @@ def _check_fraction(value: float, argument: str, low_open: bool = False) -> None
         raise ValueError(f"`{argument}` must be in {'(0' if low_open else '[0'}, 1], got {value!r}")
 
 
-def _is_shared(reason: str) -> bool:
+def is_shared(reason: str) -> bool:
+    """Whether a layer's skip reason says it reads another layer's weights (pruned with that one)."""
     return reason.startswith("shares weights with")
 
 
@@ -146,7 +147,7 @@ def _alphas_and_counts(
     if isinstance(source, FARMSReport):
         if param_counts is not None:
             raise ValueError("`param_counts` must be None with a FARMSReport (it has `num_params`)")
-        layers = [s for s in source.layers if not _is_shared(s.reason)]
+        layers = [s for s in source.layers if not is_shared(s.reason)]
         return {s.name: s.alpha for s in layers}, {s.name: s.num_params for s in layers}
     alphas = {name: _alpha_or_none(a) for name, a in source.items()}
     if param_counts is None:

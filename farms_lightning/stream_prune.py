@@ -20,7 +20,7 @@ import torch
 
 from farms_lightning.cli_distributed import broadcast, gather, together
 from farms_lightning.distributed import distributed_context
-from farms_lightning.pruners import prune_model
+from farms_lightning.pruners import prune_model, select_layers
 from farms_lightning.safe_io import (
     TEMP_PREFIX,
     atomic_write,
@@ -71,6 +71,12 @@ def prune_stream(checkpoint: Checkpoint, sparsities: dict[str, float], out: Path
         raise
     merged = {name: value for part in parts for name, value in part.items()}
     return {name: merged[name] for name in sparsities if name in merged}
+
+
+def check_prunable(checkpoint: Checkpoint, sparsities: dict[str, float]) -> None:
+    """Raise ``ValueError`` (as :func:`prune_model` would, before anything is written) for a layer
+    that cannot be pruned in place, e.g. LoRA adapter tensors."""
+    select_layers(model_from_state_dict(checkpoint.weights.state_dict), sparsities, split_qkv=checkpoint.split_qkv)
 
 
 def _assign(checkpoint: Checkpoint) -> list[int]:

@@ -175,7 +175,23 @@ def select(checkpoint: Checkpoint, layer_types: Any, include: Any, exclude: Any)
     if not layers:
         raise CLIError(f"no layer of {shown(checkpoint.path)} is selected by --include/--exclude/--layer-types",
                        EXIT_EMPTY)
-    return layers
+    return _heads_follow_embeddings(checkpoint, layers)
+
+
+def _heads_follow_embeddings(checkpoint: Checkpoint, layers: list[LayerMatrix]) -> list[LayerMatrix]:
+    """A matrix tied to an embedding that is not analysed is skipped, as :func:`discover_layers` does for
+    live models; here the tie is known by key (meta tensors have no storage to compare)."""
+    def stored(layer: LayerMatrix) -> str:
+        return checkpoint.stored_key(checkpoint.keys[layer.name])
+
+    embeddings: dict[str, str] = {}
+    for layer in checkpoint.all_layers:
+        if layer.kind == "Embedding":
+            embeddings.setdefault(stored(layer), layer.name)
+    analysed = {stored(layer) for layer in layers if layer.kind == "Embedding"}
+    return [dataclasses.replace(layer, skip_reason=f"shares weights with {embeddings[key]}")
+            if (key := stored(layer)) in embeddings and key not in analysed and layer.kind != "Embedding"
+            and not layer.skip_reason else layer for layer in layers]
 
 
 def tied_owners(checkpoint: Checkpoint, layers: list[LayerMatrix]) -> dict[int, str]:
