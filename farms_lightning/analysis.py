@@ -317,7 +317,7 @@ def conv_group_matrices(w: torch.Tensor, groups: int) -> tuple[torch.Tensor, int
 
 
 def _conv_windows(w: torch.Tensor, groups: int, settings: dict[str, Any]) -> WindowSet:
-    """The paper's conv sampling (spec §3), per group: tall kernel-position matrices cut into row blocks.
+    """The paper's conv sampling (docs/method.md), per group: tall kernel-position matrices cut into row blocks.
 
     A grouped conv is ``groups`` independent convs: the blocks of every group are fitted, and the
     full ESD pools all groups (the exact ESD of the block-diagonal matrix).

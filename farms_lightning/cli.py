@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as done:  # --help
         return int(done.code or 0)
     try:
-        with process_group(args.device):
+        with process_group(args.device) if hasattr(args, "device") else contextlib.nullcontext():  # plot: no device
             try:
                 return args.command(args)
             except CLIError as error:  # printed inside the process group: the line names the rank

@@ -62,7 +62,10 @@ class StatsCache:
         from farms_lightning import __version__
 
         digest = hashlib.sha256()
-        described = {"version": __version__, "format": CACHE_FORMAT, "settings": settings, "device": device.type, "kind": layer.kind, "split": layer.split,
+        # The random baseline does not change a layer's own statistics: entries with one serve runs
+        # without one (``get`` asks for it when a run needs it).
+        own = {k: v for k, v in settings.items() if k != "random_baseline"}
+        described = {"version": __version__, "format": CACHE_FORMAT, "settings": own, "device": device.type, "kind": layer.kind, "split": layer.split,
                      "type": layer.module_type, "dtype": str(tensor.dtype), "shape": list(tensor.shape)}
         digest.update(json.dumps(described, sort_keys=True, default=str).encode())
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
@@ -70,11 +73,14 @@ class StatsCache:
             digest.update(flat.view(torch.uint8).numpy().data)
         return digest.hexdigest()
 
-    def get(self, key: str, name: str) -> LayerStats | None:
+    def get(self, key: str, name: str, needs_baseline: bool = False) -> LayerStats | None:
+        """The cached statistics, or ``None``; a fitted entry without a baseline misses when one is needed."""
         try:
             data = json.loads((self.folder / f"{key}.json").read_text(encoding="utf-8"))
             stats = LayerStats(**{**data, "name": name, "shape": tuple(data["shape"])})
         except (OSError, ValueError, TypeError, KeyError):
+            return None
+        if needs_baseline and stats.status == "ok" and stats.alpha_random is None:
             return None
         self.hits += 1
         return stats

@@ -256,7 +256,8 @@ def analyze_stream(checkpoint: Checkpoint, layers: list[LayerMatrix], settings: 
         for key, tensor in read_tensors(checkpoint, list(todo)):
             for i in todo[key]:
                 entry = options.cache.key(layers[i], tensor, settings, options.device) if options.cache else None
-                hit = options.cache.get(entry, layers[i].name) if entry is not None else None
+                hit = (options.cache.get(entry, layers[i].name, settings.get("random_baseline", True))
+                       if entry is not None else None)
                 if hit is not None:
                     stats[i] = hit
                     if options.progress:
