@@ -101,9 +101,9 @@ def analyze(
         preset: ``"cv"`` (m=100, Q=1, k=9, median fit) or ``"llm"`` (m=2000, Q=1, k=10, peak fit).
         window, aspect_ratio, windows_per_dim, fit: override the preset (docs/method.md).
         esd: ``"farms"`` (pooled windows) or ``"full"`` (the plain ESD of each matrix).
-        dtype: ``None``/``torch.float64`` (default: eigenvalues equal a float64 SVD's) or
-            ``torch.float32`` (the published code's batched float32 SVD: faster on square windows,
-            but MiniLM peak alphas move by up to 23%; see docs/method.md).
+        dtype: ``None``/``torch.float64`` (eigenvalues equal a float64 SVD's). ``torch.float32``
+            raises ``ValueError``: no float32 path was both as accurate as the published float32
+            pipeline and faster than float64 on a CPU (see docs/method.md).
         include, exclude: ``fnmatch`` globs on layer names.
         layer_types: kinds to analyse (default: Linear, Conv1d/2d/3d, MultiheadAttention, Conv1D;
             add ``"Embedding"`` to include embeddings).

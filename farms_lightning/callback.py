@@ -45,7 +45,7 @@ class FARMSCallback(Callback):
     Args:
         preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype, include, exclude,
             layer_types, min_eigenvalues, peak_bound, random_baseline: engine options, as for
-            :func:`farms_lightning.analyze` (``dtype`` as a string: ``"float64"``/``"float32"``).
+            :func:`farms_lightning.analyze` (``dtype`` as a string: ``"float64"``).
             The random-matrix baseline is computed once per layer shape (cached), so only the
             first analysis pays for it.
         every_n_epochs: analyse at the end of every n-th training epoch (``None``/0: never).

@@ -185,7 +185,8 @@ def _add_engine(cmd: argparse.ArgumentParser, preset: str) -> None:
     engine.add_argument("--windows-per-dim", type=int, help="window starts per dimension k")
     engine.add_argument("--fit", choices=("median", "ks", "peak"))
     engine.add_argument("--esd", choices=("farms", "full"), default="farms")
-    engine.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    engine.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                        help="eigen-solver precision: float64 only (float32 is refused, exit 2)")
     engine.add_argument("--include", nargs="+", action="extend", metavar="GLOB", help="layer-name globs to keep")
     engine.add_argument("--exclude", nargs="+", action="extend", metavar="GLOB", help="layer-name globs to drop")
     engine.add_argument("--layer-types", nargs="+", action="extend", metavar="TYPE",

@@ -6,8 +6,7 @@ stored (bf16/fp16/fp32 upcast exactly). A Gram matrix resolves eigenvalues only 
 of ``eps·λmax`` of its window, so a window whose spectrum reaches down towards that floor is re-solved
 with a float64 SVD (:data:`REFINE_RATIO`); exact zero rows and columns give exact zero eigenvalues
 and do not count towards that test. Every eigenvalue then equals a float64 SVD's to
-``1e-9·λ + 8·eps·sqrt(λ·λmax)``. ``dtype=torch.float32`` is the published code's precision instead:
-a batched float32 SVD of every window (see :func:`resolve_dtype`).
+``1e-9·λ + 8·eps·sqrt(λ·λmax)``. There is no float32 mode (see :data:`FLOAT32_REFUSED`).
 Windows of equal shape are solved together, across layers, in memory-bounded chunks, on the weights'
 device. Weights are only read (indexing copies them); no reference is kept.
 """
@@ -43,25 +42,33 @@ REFINE_RATIO = 1e-6
 PILOT_WINDOWS = 8
 
 
-def resolve_dtype(dtype: DTypeLike) -> torch.dtype:
-    """The eigen-solver dtype: ``None``/``torch.float64``/``"float64"`` (default) or ``torch.float32``.
+#: Why ``dtype=torch.float32`` is refused (measured with ``benchmarks/bench_farms.py`` and
+#: ``benchmarks/small_eigenvalues.py`` on the real MiniLM, peak fits at windows 192 and 100).
+FLOAT32_REFUSED = (
+    "dtype=torch.float32 is not supported: a float32 Gram matrix loses the small eigenvalues the peak fit "
+    "depends on (alphas up to 38% off float64 on real weights), and a float32 SVD, as accurate as the "
+    "published float32 pipeline, is slower than the exact float64 default on a CPU; use None or torch.float64"
+)
 
-    float64 gives eigenvalues equal to a float64 SVD's. float32 is the published code's own
-    precision: a batched float32 SVD per window (the same values as the published per-window
-    ``svdvals`` loop), faster than the float64 path on square windows, less exact (MiniLM peak
-    alphas: median 5e-7 but up to 23% off float64).
+
+def resolve_dtype(dtype: DTypeLike) -> torch.dtype:
+    """The eigen-solver dtype: ``None``/``torch.float64``/``"float64"`` (the only one).
+
+    Every eigenvalue equals a float64 SVD's. A float32 mode was removed: see ``FLOAT32_REFUSED``.
 
     Raises:
-        ValueError: any other value.
+        ValueError: ``torch.float32``/``"float32"`` (with the reason), or any other value.
     """
     if dtype is None:
         return torch.float64
     if isinstance(dtype, str):
         dtype = {"float64": torch.float64, "double": torch.float64, "float32": torch.float32,
                  "float": torch.float32}.get(dtype.removeprefix("torch."), dtype)  # type: ignore[arg-type]
-    if dtype in (torch.float64, torch.float32):
-        return dtype  # type: ignore[return-value]
-    raise ValueError(f"`dtype` must be None, torch.float64 or torch.float32, got {dtype!r}")
+    if dtype == torch.float64:
+        return torch.float64
+    if dtype == torch.float32:
+        raise ValueError(FLOAT32_REFUSED)
+    raise ValueError(f"`dtype` must be None or torch.float64, got {dtype!r}")
 
 
 @dataclass
@@ -158,22 +165,19 @@ def window_eigenvalues(windows: torch.Tensor, dtype: torch.dtype = torch.float64
     float64: Gram eigenvalues, with windows whose smallest non-structural eigenvalue is
     ``<= REFINE_RATIO·λmax`` re-solved by a batched float64 SVD (a batch whose first
     ``PILOT_WINDOWS`` mostly needed it goes to the SVD directly), so every value equals a float64
-    SVD's to ``1e-9·λ + 8·eps·sqrt(λ·λmax)``. float32: a batched float32 SVD of every window. In
-    both, the :func:`structural_zeros` of each window are exactly 0.
+    SVD's to ``1e-9·λ + 8·eps·sqrt(λ·λmax)``. The :func:`structural_zeros` of each window are
+    exactly 0.
     """
     size = min(windows.shape[-2:])
     zeros = structural_zeros(windows)
-    if dtype == torch.float32:
-        ev, svd = svd_eigenvalues(windows, torch.float32), torch.ones(len(windows), dtype=torch.bool)
-    else:
-        ev, svd = _gram_refined(windows[:PILOT_WINDOWS], zeros[:PILOT_WINDOWS])
-        if len(windows) > PILOT_WINDOWS:
-            rest = windows[PILOT_WINDOWS:]
-            if 2 * int(svd.sum()) > len(svd):
-                ev_rest, svd_rest = svd_eigenvalues(rest), torch.ones(len(rest), dtype=torch.bool)
-            else:
-                ev_rest, svd_rest = _gram_refined(rest, zeros[PILOT_WINDOWS:])
-            ev, svd = torch.cat([ev, ev_rest]), torch.cat([svd.cpu(), svd_rest.cpu()])
+    ev, svd = _gram_refined(windows[:PILOT_WINDOWS], zeros[:PILOT_WINDOWS])
+    if len(windows) > PILOT_WINDOWS:
+        rest = windows[PILOT_WINDOWS:]
+        if 2 * int(svd.sum()) > len(svd):
+            ev_rest, svd_rest = svd_eigenvalues(rest), torch.ones(len(rest), dtype=torch.bool)
+        else:
+            ev_rest, svd_rest = _gram_refined(rest, zeros[PILOT_WINDOWS:])
+        ev, svd = torch.cat([ev, ev_rest]), torch.cat([svd.cpu(), svd_rest.cpu()])
     ev[torch.arange(size, device=ev.device) < zeros.to(ev.device)[:, None]] = 0.0
     return ev, svd.cpu()
 
@@ -270,8 +274,7 @@ def farms_eigenvalues(
         window: window rows ``m`` (clamped to fit the matrix).
         aspect_ratio: ``Q = cols / rows`` of a window; window cols are ``int(m * Q)``.
         windows_per_dim: ``k`` window starts per dimension (``k x k`` windows at most).
-        dtype: ``None``/``torch.float64`` (equal to a float64 SVD) or ``torch.float32`` (the
-            published code's float32 SVD, batched: faster, less exact).
+        dtype: ``None``/``torch.float64`` (equal to a float64 SVD; ``torch.float32`` raises).
 
     Returns:
         A 1-D float64 CPU tensor; empty when the matrix cannot hold a 2 x 2 window.

@@ -87,9 +87,9 @@ def test_analyze_json_equals_analyze(files, capsys, source):
 def test_engine_options_reach_the_analysis(files, capsys, tmp_path):
     root, _, sd = files
     options = dict(window=50, aspect_ratio=2.0, windows_per_dim=3, fit="peak", min_eigenvalues=5,
-                   peak_bound="corrected", dtype=torch.float32)
+                   peak_bound="corrected", dtype=torch.float64)
     code, _, _ = run(["analyze", root / "sd.pt", "--window", 50, "--aspect-ratio", 2, "--windows-per-dim", 3,
-                      "--fit", "peak", "--min-eigenvalues", 5, "--peak-bound", "corrected", "--dtype", "float32",
+                      "--fit", "peak", "--min-eigenvalues", 5, "--peak-bound", "corrected", "--dtype", "float64",
                       "--include", "enc.*", "head", "--exclude", "enc.1", "--output", tmp_path / "a.json"], capsys)
     assert code == 0
     expected = analyze(model_from_state_dict(sd), include=["enc.*", "head"], exclude="enc.1", **options)

@@ -18,11 +18,11 @@ def test_callback_from_command_line_arguments(tmp_path):
         f"--trainer.default_root_dir={tmp_path}", "--trainer.accelerator=cpu",
         "--trainer.callbacks+=farms_lightning.FARMSCallback",
         "--trainer.callbacks.fit=peak", "--trainer.callbacks.every_n_epochs=2",
-        "--trainer.callbacks.include=[head.*]", "--trainer.callbacks.dtype=float32",
+        "--trainer.callbacks.include=[head.*]", "--trainer.callbacks.dtype=float64",
     ])
     farms = _farms(cli)
     assert farms.settings["fit"] == "peak" and farms.every_n_epochs == 2 and farms.include == ["head.*"]
-    assert farms.settings["dtype"] == "float32"
+    assert farms.settings["dtype"] == "float64"
 
 
 def test_callback_from_yaml(tmp_path):

@@ -91,10 +91,9 @@ def test_peak_alphas_equal_the_published_method_in_float64_svd(minilm, window):
     """
     settings = dict(window=window, aspect_ratio=1.0, windows_per_dim=10, fit="peak")
     report = analyze(minilm, "llm", keep_eigenvalues=True, **settings)
-    fast = analyze(minilm, "llm", dtype=torch.float32, **settings)
     assert len(report) >= 36
     eps = np.finfo(np.float64).eps
-    smallest, errors = np.inf, []
+    smallest = np.inf
     with _blas_single_thread():
         for name, stats in report.items():
             w = minilm.get_submodule(name).weight.detach().double().numpy()
@@ -105,17 +104,7 @@ def test_peak_alphas_equal_the_published_method_in_float64_svd(minilm, window):
             smallest = min(smallest, expected[0] / expected[-1])
             assert stats.status == "ok" and stats.num_dropped == 0, (name, stats.reason)
             assert stats.alpha == pytest.approx(ref.published_peak_alpha(expected), rel=1e-9, abs=0), name
-            # float32 mode: exactly as accurate as the published per-window float32 SVD pipeline.
-            # (torch's svdvals, as the published code: float32 SVDs of two libraries differ by ulps,
-            # and the peak fit amplifies such differences.)
-            w32 = torch.from_numpy(w).float()
-            loop = torch.cat([torch.linalg.svdvals(w32[r:r + window, c:c + window]).double().square()
-                              for r in ref.grid_starts(w.shape[0], window, 10)
-                              for c in ref.grid_starts(w.shape[1], window, 10)])
-            assert fast[name].alpha == pytest.approx(fit_power_law(loop, "peak").alpha, rel=1e-9), name
-            errors.append(abs(fast[name].alpha - stats.alpha) / stats.alpha)
     assert smallest < 1e-12  # the nearly singular windows a Gram-only path gets wrong are present
-    assert np.median(errors) < 1e-5  # float32 is close on most layers, far off on a few
 
 
 @pytest.mark.slow
