@@ -156,15 +156,7 @@ def published_pipeline(model: nn.Module, m: int, k: int, fit: str | None) -> dic
 
 def bare_gram_eigvalsh(model: nn.Module, m: int, k: int, dtype: torch.dtype) -> None:
     """The same windows, batched: one Gram + ``eigvalsh`` call per shape (extraction included)."""
-    windows = []
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            w = module.weight.detach()
-            grid = farms_grid(*w.shape, m, 1.0, k)
-            rows = torch.tensor(grid.row_starts)[:, None] + torch.arange(grid.rows)
-            cols = torch.tensor(grid.col_starts)[:, None] + torch.arange(grid.cols)
-            windows.append(w[rows[:, None, :, None], cols[None, :, None, :]].reshape(-1, grid.rows, grid.cols))
-    x = torch.cat(windows).to(dtype)
+    x = torch.cat(window_stack(model, m, k)).to(dtype)
     torch.linalg.eigvalsh(x @ x.mT)
 
 
