@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
+import warnings
 from typing import Any, Collection, Sequence, Union
 
 import torch
@@ -147,6 +148,7 @@ def analyze_layers(
     assigned: Collection[int] | None = None,
     keep_eigenvalues: bool = False,
     frozen_cache: dict[tuple, LayerStats] | None = None,
+    whole_matrix: bool = True,
 ) -> tuple[list[LayerStats | None], dict[str, list[torch.Tensor]]]:
     """Statistics of ``layers`` (those at ``assigned`` positions only; ``None`` elsewhere).
 
@@ -154,7 +156,8 @@ def analyze_layers(
     With ``keep_eigenvalues`` also returns each fitted layer's ESDs (one per conv block) by name.
     With ``frozen_cache`` (a dict kept by the caller between analyses, same settings), a frozen
     layer (``requires_grad=False``) whose weight was not modified since (same tensor version) reuses
-    its earlier statistics instead of being analysed again.
+    its earlier statistics instead of being analysed again. ``whole_matrix=False`` leaves the
+    whole-matrix metrics out (``None``): the random baseline needs only alphas.
     """
     owners: dict[tuple, str] = {}
     todo = set(range(len(layers))) if assigned is None else set(assigned)
@@ -174,7 +177,7 @@ def analyze_layers(
                 return plan
             # The stored precision sets the flat-spectrum tolerance (float8 is analysed upcast).
             stored = layer.weight.dtype if layer.weight.is_floating_point() else plan.matrices.dtype
-            return _fit_layer(layer, spectra[id(plan)], stored, settings)
+            return _fit_layer(layer, spectra[id(plan)], stored, settings, whole_matrix)
 
         stats = parallel_map(finish, list(zip(layers, plans)), workers)
     if settings.get("random_baseline", True):
@@ -198,11 +201,15 @@ def _add_baselines(layers: list[LayerMatrix], stats: list[LayerStats | None], se
         return
 
     def engine(stand_ins: list[LayerMatrix], plain: dict[str, Any]) -> list[LayerStats | None]:
-        return analyze_layers(stand_ins, plain)[0]
+        # Only the draws' alphas are used: their exact lambda_max would cost more than their windows.
+        return analyze_layers(stand_ins, plain, whole_matrix=False)[0]
 
     try:
         baselines = random_baselines([layers[i] for i in fitted], settings, engine)
-    except Exception:  # noqa: BLE001 - the baseline never costs a layer its own statistics
+    except Exception as error:  # noqa: BLE001 - the baseline never costs a layer its own statistics
+        # Said, not raised: the layers keep their statistics, only alpha_random/alpha_delta stay empty.
+        warnings.warn(f"FARMS random baseline not computed ({error!r}): alpha_random and alpha_delta are left "
+                      "empty; pass random_baseline=False to skip it", RuntimeWarning, stacklevel=2)
         return
     for i, found in zip(fitted, baselines):
         stats[i] = with_baseline(stats[i], found)  # type: ignore[arg-type]
@@ -349,7 +356,8 @@ def _solve_all(
 
 
 def _fit_layer(
-    layer: LayerMatrix, spectra: list[torch.Tensor] | Exception, weight_dtype: torch.dtype, settings: dict[str, Any]
+    layer: LayerMatrix, spectra: list[torch.Tensor] | Exception, weight_dtype: torch.dtype, settings: dict[str, Any],
+    whole_matrix: bool = True,
 ) -> LayerStats:
     """Fit every group's ESD; a conv layer's fit and ESD metrics are the block means (counts: totals).
 
@@ -371,7 +379,7 @@ def _fit_layer(
     counts: dict[str, Any] = {"num_evals": sum(f.num_evals for f in fits),
                               "num_dropped": sum(f.num_dropped for f in fits)}
     spectral: dict[str, Any] = {name: _mean([m[name] for m in metrics]) for name in ESD_METRIC_NAMES}
-    spectral.update(_whole_matrix(layer, spectra, settings))
+    spectral.update(_whole_matrix(layer, spectra, settings) if whole_matrix else dict.fromkeys(MATRIX_METRIC_NAMES))
     bad = [(b, f) for b, f in enumerate(fits) if f.status != "ok"]
     if bad:
         block, fit = bad[0]

@@ -156,3 +156,30 @@ def test_every_layer_kind_gets_a_baseline_of_its_analysed_shape():
     assert len(fitted) >= 5 and all(s.alpha_random is not None for s in fitted), report.to_table()
     q = next(s for s in fitted if s.name.endswith(".q") or s.name.endswith("q_proj"))
     assert q.alpha_random == report["lin"].alpha_random  # a 64x64 q part is compared with a 64x64 matrix
+
+
+def test_a_baseline_error_is_said_and_costs_no_layer(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 100))
+    plain = analyze(model, random_baseline=False)
+    baseline.clear_cache()
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the draws")
+
+    monkeypatch.setattr(baseline, "random_matrices", broken)
+    with pytest.warns(RuntimeWarning, match="random baseline not computed.*no room for the draws"):
+        report = analyze(model)
+    assert report["0"] == plain["0"] and report["0"].alpha_random is None
+
+
+def test_baseline_draws_skip_the_whole_matrix_metrics(monkeypatch):
+    from farms_lightning import analysis
+
+    seen = []
+    original = analysis.whole_matrix_metrics
+    monkeypatch.setattr(analysis, "whole_matrix_metrics", lambda mats, *a: seen.append(mats[0].shape) or original(mats, *a))
+    baseline.clear_cache()
+    report = analyze(nn.Sequential(nn.Linear(100, 120)))
+    assert report["0"].alpha_random is not None and report["0"].lambda_max is not None
+    assert seen == [torch.Size([120, 100])]  # the layer's own, none of the 5 draws'
