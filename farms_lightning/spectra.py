@@ -36,9 +36,11 @@ CHUNK_ELEMENTS = 1 << 22
 #: margin of ~4 (the largest ratio at which a MiniLM window missed the bound unrefined: 1.5e-7).
 REFINE_RATIO = 1e-6
 
-#: Each batch first solves this many windows by Gram + refinement; when most of them needed the
-#: SVD (square windows of trained weights often do), the rest of the batch goes to the SVD directly,
-#: which is then cheaper than a Gram solve followed by an SVD.
+#: Each layer (window set) first solves this many of its windows by Gram + refinement; when most of
+#: them needed the SVD (square windows of trained weights often do, and nearly every 2000x2000 window
+#: of the ``llm`` preset), its other windows go to the SVD directly, which is then cheaper than a Gram
+#: solve followed by an SVD. The choice depends on the layer alone, so a layer's eigenvalues are the
+#: same bits whatever it is analysed with (another model, another rank's share, another batch size).
 PILOT_WINDOWS = 8
 
 
@@ -159,27 +161,26 @@ def _gram_refined(windows: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Ten
     return ev, refine
 
 
-def window_eigenvalues(windows: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+def window_eigenvalues(windows: torch.Tensor, direct_svd: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending, float64) of each ``(B, r, c)`` window, and which were solved by SVD.
 
-    float64: Gram eigenvalues, with windows whose smallest non-structural eigenvalue is
-    ``<= REFINE_RATIO·λmax`` re-solved by a batched float64 SVD (a batch whose first
-    ``PILOT_WINDOWS`` mostly needed it goes to the SVD directly), so every value equals a float64
-    SVD's to ``1e-9·λ + 8·eps·sqrt(λ·λmax)``. The :func:`structural_zeros` of each window are
-    exactly 0.
+    Gram eigenvalues, with windows whose smallest non-structural eigenvalue is
+    ``<= REFINE_RATIO·λmax`` re-solved by a batched float64 SVD (with ``direct_svd``: every window
+    by the SVD), so every value equals a float64 SVD's to ``1e-9·λ + 8·eps·sqrt(λ·λmax)``. The
+    :func:`structural_zeros` of each window are exactly 0.
     """
     size = min(windows.shape[-2:])
     zeros = structural_zeros(windows)
-    ev, svd = _gram_refined(windows[:PILOT_WINDOWS], zeros[:PILOT_WINDOWS])
-    if len(windows) > PILOT_WINDOWS:
-        rest = windows[PILOT_WINDOWS:]
-        if 2 * int(svd.sum()) > len(svd):
-            ev_rest, svd_rest = svd_eigenvalues(rest), torch.ones(len(rest), dtype=torch.bool)
-        else:
-            ev_rest, svd_rest = _gram_refined(rest, zeros[PILOT_WINDOWS:])
-        ev, svd = torch.cat([ev, ev_rest]), torch.cat([svd.cpu(), svd_rest.cpu()])
+    if direct_svd:
+        ev, svd = svd_eigenvalues(windows), torch.ones(len(windows), dtype=torch.bool)
+    else:
+        ev, svd = _gram_refined(windows, zeros)
     ev[torch.arange(size, device=ev.device) < zeros.to(ev.device)[:, None]] = 0.0
     return ev, svd.cpu()
+
+
+#: One piece of work: windows (index rows) of a set, and whether they go to the SVD directly.
+_Part = tuple[WindowSet, torch.Tensor, bool]
 
 
 def compute_spectra(
@@ -187,61 +188,71 @@ def compute_spectra(
 ) -> list[list[torch.Tensor]]:
     """Solve all windows of all sets, batching windows of equal shape across sets.
 
-    CPU batches are spread over ``workers`` threads (default: torch's thread count), each op on
-    one intra-op thread (see :mod:`farms_lightning.threads`). Returns, for each set, the sorted
-    float64 eigenvalues of each of its groups.
+    Two passes: every set's first :data:`PILOT_WINDOWS` windows, then the rest, by SVD directly for
+    a set whose pilot windows mostly needed it. CPU batches are spread over ``workers`` threads
+    (default: torch's thread count), each op on one intra-op thread (see
+    :mod:`farms_lightning.threads`). Returns, for each set, the sorted float64 eigenvalues of each
+    of its groups.
     """
-    solver_dtype = resolve_dtype(dtype)
-    by_shape: dict[tuple, list[tuple[WindowSet, torch.Tensor]]] = defaultdict(list)
+    resolve_dtype(dtype)
+    workers = workers or torch.get_num_threads()
+    indices = []
     for ws in window_sets:
         ws.pieces = defaultdict(list)
         ws.refined_windows = 0
-        key = (ws.grid.rows, ws.grid.cols, ws.matrices.device)
-        by_shape[key].append((ws, ws.window_index()))
-    workers = workers or torch.get_num_threads()
-    batches: list[list[tuple[WindowSet, torch.Tensor]]] = []
+        indices.append(ws.window_index())
+    _solve_parts([(ws, index[:PILOT_WINDOWS], False) for ws, index in zip(window_sets, indices)], workers)
+    rest = [(ws, index[PILOT_WINDOWS:], 2 * ws.refined_windows > min(len(index), PILOT_WINDOWS))
+            for ws, index in zip(window_sets, indices) if len(index) > PILOT_WINDOWS]
+    _solve_parts(rest, workers)
+    return [ws.eigenvalues() for ws in window_sets]
+
+
+def _solve_parts(parts: list[_Part], workers: int) -> None:
+    """Solve every part, in batches of equal window shape (and solver) bounded by :data:`CHUNK_ELEMENTS`."""
+    by_shape: dict[tuple, list[_Part]] = defaultdict(list)
+    for ws, index, direct in parts:
+        by_shape[(ws.grid.rows, ws.grid.cols, ws.matrices.device, direct)].append((ws, index, direct))
+    batches: list[list[_Part]] = []
     any_cpu = False
-    for (rows, cols, device), members in by_shape.items():
-        total = sum(len(index) for _, index in members)
+    for (rows, cols, device, _), members in by_shape.items():
+        total = sum(len(index) for _, index, _ in members)
         per_window = rows * cols + min(rows, cols) ** 2
         batch = max(1, CHUNK_ELEMENTS // per_window)
         if device.type == "cpu":  # at least one batch per worker thread
             batch = min(batch, -(-total // workers))
         # Work list of (set, index rows) slices, cut into batches of at most `batch` windows.
-        pending: list[tuple[WindowSet, torch.Tensor]] = []
+        pending: list[_Part] = []
         size = 0
-        for ws, index in members:
+        for ws, index, direct in members:
             for start in range(0, len(index), batch):
                 part = index[start:start + batch]
                 if size + len(part) > batch:
                     batches.append(pending)
                     pending, size = [], 0
-                pending.append((ws, part))
+                pending.append((ws, part, direct))
                 size += len(part)
         if pending:
             batches.append(pending)
         any_cpu = any_cpu or device.type == "cpu"
-    for pending, (ev, refined) in zip(batches, _solve_batches(batches, solver_dtype, workers if any_cpu else 1)):
+    for pending, (ev, refined) in zip(batches, _solve_batches(batches, workers if any_cpu else 1)):
         _distribute(pending, ev, refined)
-    return [ws.eigenvalues() for ws in window_sets]
 
 
-def _solve_batches(
-    batches: list[list[tuple[WindowSet, torch.Tensor]]], dtype: torch.dtype, workers: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Eigenvalues (float64, CPU) and refined-window masks of every batch; CPU batches run on a pool."""
-    def solve(pending: list[tuple[WindowSet, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        windows = torch.cat([ws.extract(index) for ws, index in pending])
-        ev, refined = window_eigenvalues(windows, dtype)
+def _solve_batches(batches: list[list[_Part]], workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Eigenvalues (float64, CPU) and SVD-solved masks of every batch; CPU batches run on a pool."""
+    def solve(pending: list[_Part]) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = torch.cat([ws.extract(index) for ws, index, _ in pending])
+        ev, refined = window_eigenvalues(windows, direct_svd=pending[0][2])
         return ev.to(device="cpu"), refined.cpu()
 
     with single_threaded_ops():
         return parallel_map(solve, batches, workers)
 
 
-def _distribute(pending: list[tuple[WindowSet, torch.Tensor]], ev: torch.Tensor, refined: torch.Tensor) -> None:
+def _distribute(pending: list[_Part], ev: torch.Tensor, refined: torch.Tensor) -> None:
     offset = 0
-    for ws, index in pending:
+    for ws, index, _ in pending:
         block = ev[offset:offset + len(index)]
         ws.refined_windows += int(refined[offset:offset + len(index)].sum())
         offset += len(index)

@@ -73,6 +73,23 @@ def test_zero_rows_do_not_send_every_window_to_the_svd():
     assert ws.refined_windows < 12
 
 
+def test_a_layers_eigenvalues_do_not_depend_on_what_it_is_solved_with():
+    g = torch.Generator().manual_seed(3)
+    plain = torch.randn(300, 300, generator=g, dtype=torch.float64)  # 100x50 windows: λmin/λmax ~ 0.03, Gram
+    low_rank = torch.randn(300, 20, generator=g, dtype=torch.float64) @ torch.randn(20, 300, generator=g,
+                                                                                      dtype=torch.float64)
+    grid = farms_grid(300, 300, 100, 0.5, 4)
+    alone = WindowSet(plain.unsqueeze(0), grid)
+    compute_spectra([alone], workers=1)
+    assert alone.refined_windows == 0
+    for order in ((0, 1), (1, 0)):
+        sets = [WindowSet(plain.unsqueeze(0), grid), WindowSet(low_rank.unsqueeze(0), grid)]
+        compute_spectra([sets[i] for i in order], workers=1)  # one batch holds both layers' windows
+        assert sets[1].refined_windows == 16  # every low-rank window needs the SVD ...
+        assert sets[0].refined_windows == 0  # ... which does not send the other layer's windows there
+        assert torch.equal(sets[0].eigenvalues()[0], alone.eigenvalues()[0])
+
+
 def test_only_numerical_zeros_are_dropped():
     values = np.array([0.0, 1e-30, 5e-14, 1e-13] + list(np.linspace(1, 10, 40)))
     fit = fit_power_law(values, "median")
