@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from farms_lightning import analyze
-from farms_lightning.analysis import _plan, resolve_settings
+from farms_lightning.analysis import resolve_settings
+from farms_lightning.layer_plans import plan_layer
 from farms_lightning.functional import fit_power_law
 from farms_lightning.layers import discover_layers
 from farms_lightning.spectra import WindowSet, compute_spectra
@@ -37,7 +38,7 @@ def main() -> None:
             ("window 192, k=10", {"preset": "llm", "window": 192}), ("window 100, k=10", {"preset": "llm", "window": 100})]
     for label, kw in runs:
         settings = resolve_settings(**kw)
-        sets = [p for p in (_plan(layer, settings, {}) for layer in discover_layers(model)) if isinstance(p, WindowSet)]
+        sets = [p for p in (plan_layer(layer, settings, {}) for layer in discover_layers(model)) if isinstance(p, WindowSet)]
         compute_spectra(sets)
         total = sum(len(ws.window_index()) for ws in sets)
         solved = sum(ws.refined_windows for ws in sets)

@@ -7,16 +7,16 @@ windows batched -> fit each pooled ESD -> metrics -> :class:`FARMSReport`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 import warnings
-from typing import Any, Collection, Sequence, Union
+from typing import Any, Callable, Collection, Union
 
 import torch
 from torch import nn
 
 from farms_lightning.baseline import random_baselines, with_baseline
 from farms_lightning.esd_metrics import ESD_METRIC_NAMES, esd_metrics
+from farms_lightning.layer_plans import plan_layer
 from farms_lightning.layers import LayerMatrix, LayerTypes, Patterns, discover_layers
 from farms_lightning.matrix_metrics import MATRIX_METRIC_NAMES, conv_matrices, whole_matrix_metrics
 from farms_lightning.powerlaw import (
@@ -28,8 +28,8 @@ from farms_lightning.powerlaw import (
 )
 from farms_lightning.report import FARMSReport, LayerStats
 from farms_lightning.threads import parallel_map, single_threaded_ops
-from farms_lightning.spectra import DTypeLike, WindowSet, compute_spectra, full_grid, resolve_dtype
-from farms_lightning.windows import WindowGrid, conv_block_shape, farms_grid, validate_window_args
+from farms_lightning.spectra import DTypeLike, WindowSet, compute_spectra, resolve_dtype
+from farms_lightning.windows import validate_window_args
 
 #: Paper settings: image classification (``cv``) and LLM pruning (``llm``).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -37,8 +37,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llm": {"window": 2000, "aspect_ratio": 1.0, "windows_per_dim": 10, "fit": "peak"},
 }
 ESD_KINDS = ("farms", "full")
-#: The paper's ``conv_norm``: conv blocks are scaled by √0.5, so their eigenvalues by 0.5.
-CONV_EIGENVALUE_SCALE = 0.5
 
 
 def resolve_settings(
@@ -149,6 +147,7 @@ def analyze_layers(
     keep_eigenvalues: bool = False,
     frozen_cache: dict[tuple, LayerStats] | None = None,
     whole_matrix: bool = True,
+    on_windows: Callable[[int, int, int], None] | None = None,
 ) -> tuple[list[LayerStats | None], dict[str, list[torch.Tensor]]]:
     """Statistics of ``layers`` (those at ``assigned`` positions only; ``None`` elsewhere).
 
@@ -157,7 +156,9 @@ def analyze_layers(
     With ``frozen_cache`` (a dict kept by the caller between analyses, same settings), a frozen
     layer (``requires_grad=False``) whose weight was not modified since (same tensor version) reuses
     its earlier statistics instead of being analysed again. ``whole_matrix=False`` leaves the
-    whole-matrix metrics out (``None``): the random baseline needs only alphas.
+    whole-matrix metrics out (``None``): the random baseline needs only alphas. ``on_windows(i,
+    solved, total)`` hears, from worker threads, that ``solved`` more of the ``total`` windows of
+    ``layers[i]`` are solved (a progress bar over big layers).
     """
     owners: dict[tuple, str] = {}
     todo = set(range(len(layers))) if assigned is None else set(assigned)
@@ -168,8 +169,9 @@ def analyze_layers(
     todo -= set(reused)
     workers = torch.get_num_threads()
     with torch.no_grad(), single_threaded_ops():  # parallel work runs on a pool instead (threads.py)
-        plans = [_plan(layer, settings, owners, i in todo) for i, layer in enumerate(layers)]
-        spectra = _solve_all([p for p in plans if isinstance(p, WindowSet)], settings["dtype"], workers)
+        plans = [plan_layer(layer, settings, owners, i in todo) for i, layer in enumerate(layers)]
+        sets = [p for p in plans if isinstance(p, WindowSet)]
+        spectra = _solve_all(sets, settings["dtype"], workers, _window_reporter(plans, on_windows))
 
         def finish(item: tuple[LayerMatrix, LayerStats | WindowSet | None]) -> LayerStats | None:
             layer, plan = item
@@ -232,124 +234,32 @@ def _frozen_key(layer: LayerMatrix) -> tuple | None:
     return (layer.name, *layer.identity(), w._version, fingerprint)
 
 
-def _skipped(layer: LayerMatrix, reason: str) -> LayerStats:
-    return LayerStats(layer.name, layer.module_type, layer.shape, "skipped", reason, num_params=layer.num_params)
+def _window_reporter(
+    plans: list[LayerStats | WindowSet | None], on_windows: Callable[[int, int, int], None] | None
+) -> Callable[[WindowSet, int], None] | None:
+    """``compute_spectra``'s hook, told in layer positions and window totals."""
+    if on_windows is None:
+        return None
+    where = {id(p): (i, len(p.window_index())) for i, p in enumerate(plans) if isinstance(p, WindowSet)}
 
+    def solved(ws: WindowSet, count: int) -> None:
+        i, total = where[id(ws)]
+        on_windows(i, count, total)
 
-def _plan(
-    layer: LayerMatrix, settings: dict[str, Any], owners: dict[tuple, str], wanted: bool = True
-) -> LayerStats | WindowSet | None:
-    """The windows of one layer, its ``skipped`` statistics with the reason, or ``None`` if unwanted."""
-    try:
-        if layer.is_lazy:
-            return _skipped(layer, "uninitialised (lazy) weights") if wanted else None
-        owner = owners.setdefault(layer.identity(), layer.name)
-        if not wanted:
-            return None
-        if owner != layer.name:
-            return _skipped(layer, f"shares weights with {owner}")
-        if layer.skip_reason:
-            return _skipped(layer, layer.skip_reason)
-        if layer.is_conv:
-            degenerate = degenerate_conv_reason(layer.weight.shape, layer.groups)
-            if degenerate:
-                return _skipped(layer, degenerate)
-        if layer.weight.is_meta:
-            return _skipped(layer, "weights on the meta device (not materialised)")
-        w = layer.oriented()
-        if w.is_meta:
-            return _skipped(layer, "weights on the meta device (not materialised)")
-        if not w.is_floating_point():
-            return _skipped(layer, f"non-float weights ({w.dtype})")
-        if w.dtype.itemsize == 1:  # float8: upcast exactly (few ops exist for it)
-            w = w.float()
-        if w.numel() == 0:
-            return _skipped(layer, "empty weights")
-        low, high = (float(v) for v in torch.aminmax(w))  # one pass: NaN and inf propagate
-        if not (math.isfinite(low) and math.isfinite(high)):
-            return _skipped(layer, "non-finite weights")
-        if low == high == 0:
-            return _skipped(layer, "all-zero weights")
-        windows = _conv_windows(w, layer.groups, settings) if layer.is_conv else _matrix_windows(w, settings)
-    except Exception as error:  # noqa: BLE001 - a layer never crashes the analysis
-        return LayerStats(layer.name, layer.module_type, (), "failed", f"analysis error: {error!r}")
-    if isinstance(windows, str):
-        return _skipped(layer, windows)
-    per_group = windows.eigenvalues_per_group
-    if per_group < settings["min_eigenvalues"]:
-        where = f" (blocks of {layer.groups} groups)" if layer.groups > 1 else ""
-        return _skipped(layer, f"too small: {per_group} eigenvalues per ESD{where} < min_eigenvalues="
-                               f"{settings['min_eigenvalues']}")
-    return windows
-
-
-def _matrix_windows(w: torch.Tensor, settings: dict[str, Any]) -> WindowSet | str:
-    rows, cols = w.shape
-    if settings["esd"] == "full":
-        return WindowSet(w.unsqueeze(0), full_grid(rows, cols))
-    grid = farms_grid(rows, cols, settings["window"], settings["aspect_ratio"], settings["windows_per_dim"])
-    if grid is None:
-        return (f"too small for a FARMS window: {rows}x{cols} cannot hold a window of at least 2x2 "
-                f"with aspect ratio {settings['aspect_ratio']}")
-    return WindowSet(w.unsqueeze(0), grid)
-
-
-def degenerate_conv_reason(shape: Sequence[int], groups: int) -> str:
-    """Why a conv has no matrix to analyse (a group's kernel-position matrices have a dimension below 2), or ``""``."""
-    if len(shape) < 3 or groups < 1 or shape[0] % groups:
-        return ""
-    rows, cols = shape[0] // groups, shape[1]
-    if min(rows, cols) >= 2:
-        return ""
-    if groups > 1:
-        return (f"depthwise convolution ({groups} groups of {rows}x{cols} kernel-position matrices): "
-                "no matrix to analyse")
-    return f"degenerate convolution ({rows}x{cols} kernel-position matrices): no matrix to analyse"
-
-
-def conv_group_matrices(w: torch.Tensor, groups: int) -> tuple[torch.Tensor, int, int]:
-    """Every group's kernel-position matrices, tall, stacked along the rows: ``(positions, groups·R, C)``.
-
-    Group ``j`` holds rows ``[j·R, (j+1)·R)``. Without groups this is the stored ``(out, in)`` slice
-    per kernel position, transposed when ``out < in``.
-    """
-    out, inp = w.shape[:2]
-    rows = out // groups
-    kernel = w.flatten(2)  # (out, in/groups, positions)
-    if rows >= inp:
-        return kernel.permute(2, 0, 1), rows, inp
-    # Each group's (rows, in) matrix transposed to (in, rows), groups stacked vertically.
-    return kernel.reshape(groups, rows, inp, -1).permute(3, 0, 2, 1).reshape(kernel.shape[2], groups * inp, rows), \
-        inp, rows
-
-
-def _conv_windows(w: torch.Tensor, groups: int, settings: dict[str, Any]) -> WindowSet:
-    """The paper's conv sampling (docs/method.md), per group: tall kernel-position matrices cut into row blocks.
-
-    A grouped conv is ``groups`` independent convs: the blocks of every group are fitted, and the
-    full ESD pools all groups (the exact ESD of the block-diagonal matrix).
-    """
-    matrices, rows, cols = conv_group_matrices(w, groups)
-    if settings["esd"] == "full":
-        grid = WindowGrid(rows, cols, tuple(g * rows for g in range(groups)), (0,))
-        return WindowSet(matrices, grid, scale=CONV_EIGENVALUE_SCALE)
-    block_rows, block_cols, blocks = conv_block_shape(rows, cols, settings["aspect_ratio"])
-    starts = tuple(g * rows + b * block_rows for g in range(groups) for b in range(blocks))
-    grid = WindowGrid(block_rows, block_cols, starts, (0,))
-    return WindowSet(matrices, grid, scale=CONV_EIGENVALUE_SCALE, group_by_row_start=True)
+    return solved
 
 
 def _solve_all(
-    window_sets: list[WindowSet], dtype: DTypeLike, workers: int
+    window_sets: list[WindowSet], dtype: DTypeLike, workers: int, on_solved: Callable[[WindowSet, int], None] | None
 ) -> dict[int, list[torch.Tensor] | Exception]:
     """Eigenvalues of every set, batched; on an error, set by set so one bad layer fails alone."""
     try:
-        return {id(ws): ev for ws, ev in zip(window_sets, compute_spectra(window_sets, dtype, workers))}
+        return {id(ws): ev for ws, ev in zip(window_sets, compute_spectra(window_sets, dtype, workers, on_solved))}
     except Exception:  # noqa: BLE001
         out: dict[int, list[torch.Tensor] | Exception] = {}
         for ws in window_sets:
             try:
-                out[id(ws)] = compute_spectra([ws], dtype, workers)[0]
+                out[id(ws)] = compute_spectra([ws], dtype, workers)[0]  # (the layer's end reports the rest)
             except Exception as error:  # noqa: BLE001
                 out[id(ws)] = error
         return out

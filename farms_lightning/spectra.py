@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -181,18 +181,21 @@ def window_eigenvalues(windows: torch.Tensor, direct_svd: bool = False) -> tuple
 
 #: One piece of work: windows (index rows) of a set, and whether they go to the SVD directly.
 _Part = tuple[WindowSet, torch.Tensor, bool]
+#: ``on_solved(window_set, count)``: ``count`` more windows of the set are solved (called from workers).
+OnSolved = Optional[Callable[[WindowSet, int], None]]
 
 
 def compute_spectra(
-    window_sets: list[WindowSet], dtype: DTypeLike = None, workers: int | None = None
+    window_sets: list[WindowSet], dtype: DTypeLike = None, workers: int | None = None, on_solved: OnSolved = None
 ) -> list[list[torch.Tensor]]:
     """Solve all windows of all sets, batching windows of equal shape across sets.
 
     Two passes: every set's first :data:`PILOT_WINDOWS` windows, then the rest, by SVD directly for
     a set whose pilot windows mostly needed it. CPU batches are spread over ``workers`` threads
     (default: torch's thread count), each op on one intra-op thread (see
-    :mod:`farms_lightning.threads`). Returns, for each set, the sorted float64 eigenvalues of each
-    of its groups.
+    :mod:`farms_lightning.threads`). ``on_solved(set, count)`` hears of every solved batch, from
+    the worker threads (progress bars). Returns, for each set, the sorted float64 eigenvalues of
+    each of its groups.
     """
     resolve_dtype(dtype)
     workers = workers or torch.get_num_threads()
@@ -201,14 +204,14 @@ def compute_spectra(
         ws.pieces = defaultdict(list)
         ws.refined_windows = 0
         indices.append(ws.window_index())
-    _solve_parts([(ws, index[:PILOT_WINDOWS], False) for ws, index in zip(window_sets, indices)], workers)
+    _solve_parts([(ws, index[:PILOT_WINDOWS], False) for ws, index in zip(window_sets, indices)], workers, on_solved)
     rest = [(ws, index[PILOT_WINDOWS:], 2 * ws.refined_windows > min(len(index), PILOT_WINDOWS))
             for ws, index in zip(window_sets, indices) if len(index) > PILOT_WINDOWS]
-    _solve_parts(rest, workers)
+    _solve_parts(rest, workers, on_solved)
     return [ws.eigenvalues() for ws in window_sets]
 
 
-def _solve_parts(parts: list[_Part], workers: int) -> None:
+def _solve_parts(parts: list[_Part], workers: int, on_solved: OnSolved) -> None:
     """Solve every part, in batches of equal window shape (and solver) bounded by :data:`CHUNK_ELEMENTS`."""
     by_shape: dict[tuple, list[_Part]] = defaultdict(list)
     for ws, index, direct in parts:
@@ -219,8 +222,9 @@ def _solve_parts(parts: list[_Part], workers: int) -> None:
         total = sum(len(index) for _, index, _ in members)
         per_window = rows * cols + min(rows, cols) ** 2
         batch = max(1, CHUNK_ELEMENTS // per_window)
-        if device.type == "cpu":  # at least one batch per worker thread
-            batch = min(batch, -(-total // workers))
+        if device.type == "cpu":  # equal batches, as many as a multiple of the workers: no thread idles
+            count = -(-total // batch)
+            batch = max(1, -(-total // (-(-count // workers) * workers)))
         # Work list of (set, index rows) slices, cut into batches of at most `batch` windows.
         pending: list[_Part] = []
         size = 0
@@ -235,16 +239,30 @@ def _solve_parts(parts: list[_Part], workers: int) -> None:
         if pending:
             batches.append(pending)
         any_cpu = any_cpu or device.type == "cpu"
-    for pending, (ev, refined) in zip(batches, _solve_batches(batches, workers if any_cpu else 1)):
+    # Largest first (stable, so deterministic): the pool's last batches are then the short ones.
+    batches.sort(key=_batch_cost, reverse=True)
+    for pending, (ev, refined) in zip(batches, _solve_batches(batches, workers if any_cpu else 1, on_solved)):
         _distribute(pending, ev, refined)
 
 
-def _solve_batches(batches: list[list[_Part]], workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batch_cost(pending: list[_Part]) -> int:
+    """Flops of a batch's eigen-solves, up to a constant: windows x rows x cols x min(rows, cols)."""
+    grid = pending[0][0].grid
+    return sum(len(index) for _, index, _ in pending) * grid.rows * grid.cols * min(grid.rows, grid.cols)
+
+
+def _solve_batches(
+    batches: list[list[_Part]], workers: int, on_solved: OnSolved
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Eigenvalues (float64, CPU) and SVD-solved masks of every batch; CPU batches run on a pool."""
     def solve(pending: list[_Part]) -> tuple[torch.Tensor, torch.Tensor]:
         windows = torch.cat([ws.extract(index) for ws, index, _ in pending])
         ev, refined = window_eigenvalues(windows, direct_svd=pending[0][2])
-        return ev.to(device="cpu"), refined.cpu()
+        result = ev.to(device="cpu"), refined.cpu()
+        if on_solved is not None:
+            for ws, index, _ in pending:
+                on_solved(ws, len(index))
+        return result
 
     with single_threaded_ops():
         return parallel_map(solve, batches, workers)

@@ -19,6 +19,7 @@ import ctypes
 import dataclasses
 import functools
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,7 +27,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from farms_lightning.analysis import _skipped, analyze_layers
+from farms_lightning.analysis import analyze_layers
+from farms_lightning.layer_plans import skipped
 from farms_lightning.cli_distributed import gather, together
 from farms_lightning.distributed import distributed_context, local_share
 from farms_lightning.layers import LAYER_TYPES, LayerMatrix, clean_name, discover_layers
@@ -213,7 +215,15 @@ class StreamOptions:
     device: torch.device = torch.device("cpu")
     group_bytes: int = GROUP_BYTES
     cache: Any = None  # a StatsCache, or None
-    progress: Callable[[LayerMatrix], None] | None = None
+    #: ``progress(layer, done)``: ``done`` (0 to 1, rising) of the layer's work is finished: its
+    #: windows as they are solved (up to :data:`WINDOW_SHARE`), then 1 when its statistics are in.
+    #: Called from worker threads too.
+    progress: Callable[[LayerMatrix, float], None] | None = None
+
+
+#: The part of a layer's work that its windows stand for in the progress (the fit, the whole-matrix
+#: metrics and the baseline are the rest).
+WINDOW_SHARE = 0.9
 
 
 def analyze_stream(checkpoint: Checkpoint, layers: list[LayerMatrix], settings: dict[str, Any],
@@ -225,7 +235,7 @@ def analyze_stream(checkpoint: Checkpoint, layers: list[LayerMatrix], settings: 
     """
     mine, _ = local_share(layers)
     shared = tied_owners(checkpoint, layers)
-    stats: dict[int, LayerStats] = {i: _skipped(layers[i], f"shares weights with {shared[i]}")
+    stats: dict[int, LayerStats] = {i: skipped(layers[i], f"shares weights with {shared[i]}")
                                     for i in mine if i in shared}
     todo: dict[str, list[int]] = {}  # stored key -> the layers reading it (q, k and v of a fused tensor)
     for i in mine:
@@ -240,14 +250,14 @@ def analyze_stream(checkpoint: Checkpoint, layers: list[LayerMatrix], settings: 
         if not group:
             return
         real = [dataclasses.replace(layers[i], weight=tensor) for i, tensor, _ in group]
-        results = analyze_layers(real, settings)[0]
+        results = analyze_layers(real, settings, on_windows=_window_progress(group, layers, options))[0]
         for (i, _, entry), result in zip(group, results):
             assert result is not None
             stats[i] = result
             if options.cache is not None:
                 options.cache.put(entry, result)
             if options.progress:
-                options.progress(layers[i])
+                options.progress(layers[i], 1.0)
         analysed += len(group)
         group, size = [], 0
         release_freed_memory()
@@ -261,7 +271,7 @@ def analyze_stream(checkpoint: Checkpoint, layers: list[LayerMatrix], settings: 
                 if hit is not None:
                     stats[i] = hit
                     if options.progress:
-                        options.progress(layers[i])
+                        options.progress(layers[i], 1.0)
                     continue
                 nbytes = tensor.numel() * tensor.element_size()
                 if group and size + nbytes > options.group_bytes:
@@ -271,6 +281,23 @@ def analyze_stream(checkpoint: Checkpoint, layers: list[LayerMatrix], settings: 
             del tensor
         flush()
     return stats, analysed
+
+
+def _window_progress(group: list[tuple[int, torch.Tensor, Any]], layers: list[LayerMatrix],
+                     options: StreamOptions) -> Callable[[int, int, int], None] | None:
+    """``analyze_layers``' window hook for a group: each layer's solved share, told to ``options.progress``."""
+    progress = options.progress
+    if progress is None:
+        return None
+    solved = [0] * len(group)
+    lock = threading.Lock()
+
+    def on_windows(j: int, count: int, total: int) -> None:
+        with lock:  # told in order, so the shares rise
+            solved[j] += count
+            progress(layers[group[j][0]], WINDOW_SHARE * min(solved[j], total) / total)
+
+    return on_windows
 
 
 def largest_tensor(layers: list[LayerMatrix]) -> int:
@@ -294,12 +321,21 @@ def analyze_checkpoint(checkpoint: Checkpoint, layers: list[LayerMatrix], settin
     # disable=None: the bar shows on an interactive stderr only, never in pipes or logs.
     with tqdm(total=sum(layer.num_params for layer in work), desc="FARMS", unit="w", unit_scale=True,
               file=sys.stderr, disable=None if progress and rank == 0 else True, leave=False) as bar:
-        done = [0]
+        shown: dict[str, float] = {}  # layer name -> share of it already on the bar
+        finished = [0]
+        lock = threading.Lock()
 
-        def step(layer: LayerMatrix) -> None:
-            done[0] += 1
-            bar.set_postfix_str(f"{done[0]}/{len(work)} tensors", refresh=False)
-            bar.update(layer.num_params)
+        def step(layer: LayerMatrix, done: float) -> None:
+            # A big layer moves the bar as its windows are solved, so the ETA never waits a whole tensor.
+            with lock:
+                before = shown.get(layer.name, 0.0)
+                if done <= before:
+                    return
+                shown[layer.name] = done
+                if done >= 1.0:
+                    finished[0] += 1
+                    bar.set_postfix_str(f"{finished[0]}/{len(work)} tensors", refresh=False)
+                bar.update(round(layer.num_params * done) - round(layer.num_params * before))
 
         options.progress = step
         local, analysed = together(lambda: analyze_stream(checkpoint, layers, settings, options))

@@ -185,3 +185,20 @@ def test_cache_is_an_output_under_the_safety_rules(root, tmp_path, capsys):
     assert code == 2
     code, _, err = run(["analyze", folder, "--cache", tmp_path / "no" / "such" / "cache"], capsys)
     assert code == 5 and "does not exist" in err
+
+
+def test_progress_moves_within_a_big_tensor_as_its_windows_are_solved(root):
+    from farms_lightning.analysis import resolve_settings
+
+    checkpoint = streaming.open_checkpoint(root / "sd.safetensors", trust_pickle=False)
+    layers = streaming.select(checkpoint, None, ["enc.0"], None)
+    heard = []
+    options = streaming.StreamOptions(progress=lambda layer, done: heard.append((layer.name, done)))
+    settings = resolve_settings(window=50, windows_per_dim=5, random_baseline=False)  # 25 windows of 50x50
+    stats, analysed = streaming.analyze_stream(checkpoint, layers, settings, options)
+    assert analysed == 1 and [s.status for s in stats.values()] == ["ok"]
+    shares = [done for name, done in heard if name == "enc.0"]
+    assert shares[-1] == 1.0 and len(shares) >= 3  # the windows' batches, then the statistics
+    partial = shares[:-1]
+    assert all(0 < d <= streaming.WINDOW_SHARE for d in partial)
+    assert sorted(partial) == partial and partial[-1] == pytest.approx(streaming.WINDOW_SHARE)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from farms_lightning import analyze
-from farms_lightning.analysis import degenerate_conv_reason
+from farms_lightning.layer_plans import degenerate_conv_reason
 from farms_lightning.layers import discover_layers
 
 transformers = pytest.importorskip("transformers")
