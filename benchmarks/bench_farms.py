@@ -308,6 +308,16 @@ def whole_matrix_rows(add: Callable[..., None], r: int) -> None:
             t_farms, abs(top - exact) / exact)
         add(f"768x3072 {kind}: exact lambda_max alone, float64 Gram + eigvalsh", t_eig, mb_eig, t_farms,
             abs(top_eig - exact) / exact)
+    # Where GPT-2 small's median time goes: the same analysis with and without the whole-matrix metrics.
+    from farms_lightning.analysis import analyze_layers, resolve_settings
+    from farms_lightning.layers import discover_layers
+
+    layers, settings = discover_layers(gpt2_small_blocks()), resolve_settings(fit="median", random_baseline=False)
+    t_with, mb, _ = measure(lambda: analyze_layers(layers, settings), r)
+    add("GPT-2 cv median: analysis with the whole-matrix metrics (analyze's default)", t_with, mb)
+    t_without, mb, _ = measure(lambda: analyze_layers(layers, settings, whole_matrix=False), r)
+    add("GPT-2 cv median: the same without the whole-matrix metrics (speed-up: with / without)", t_without, mb,
+        t_with)
 
 
 def callback_rows(add: Callable[..., None], r: int, resnet: nn.Module, gpt2: nn.Module) -> None:

@@ -2,8 +2,9 @@
 
     python benchmarks/small_eigenvalues.py
 
-1. How many windows the float64 path solves by SVD (refined, or in a batch sent to the SVD
-   directly), per preset and at window 192 / 100 (Q = 1, k = 10).
+1. How many windows the float64 path solves by SVD (refined, or sent to the SVD directly because
+   most of their layer's first 8 windows needed it), per preset and at window 192 / 100 (Q = 1,
+   k = 10).
 2. Peak-fit alphas of the float32 paths against the float64 default at window 192 and 100 (median
    and max relative error over the 37 Linear layers): the published per-window float32 ``svdvals``
    loop, the same SVD batched (the float32 mode that was tried, then removed as slower than
@@ -20,8 +21,8 @@ import torch
 
 from farms_lightning import analyze
 from farms_lightning.analysis import resolve_settings
-from farms_lightning.layer_plans import plan_layer
 from farms_lightning.functional import fit_power_law
+from farms_lightning.layer_plans import plan_layer
 from farms_lightning.layers import discover_layers
 from farms_lightning.spectra import WindowSet, compute_spectra
 from farms_lightning.state_dict import model_from_state_dict
