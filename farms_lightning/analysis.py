@@ -259,7 +259,7 @@ def _solve_all(
         out: dict[int, list[torch.Tensor] | Exception] = {}
         for ws in window_sets:
             try:
-                out[id(ws)] = compute_spectra([ws], dtype, workers)[0]  # (the layer's end reports the rest)
+                out[id(ws)] = compute_spectra([ws], dtype, workers)[0]  # (no window progress: the layer's end covers it)
             except Exception as error:  # noqa: BLE001
                 out[id(ws)] = error
         return out

@@ -22,6 +22,7 @@ CONV_EIGENVALUE_SCALE = 0.5
 
 
 def skipped(layer: LayerMatrix, reason: str) -> LayerStats:
+    """The ``skipped`` statistics of ``layer``, with the reason."""
     return LayerStats(layer.name, layer.module_type, layer.shape, "skipped", reason, num_params=layer.num_params)
 
 
@@ -73,6 +74,7 @@ def plan_layer(
 
 
 def matrix_windows(w: torch.Tensor, settings: dict[str, Any]) -> WindowSet | str:
+    """The FARMS windows of a 2-D weight (or the whole matrix for ``esd="full"``), or why it has none."""
     rows, cols = w.shape
     if settings["esd"] == "full":
         return WindowSet(w.unsqueeze(0), full_grid(rows, cols))

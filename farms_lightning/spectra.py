@@ -197,7 +197,7 @@ def compute_spectra(
     the worker threads (progress bars). Returns, for each set, the sorted float64 eigenvalues of
     each of its groups.
     """
-    resolve_dtype(dtype)
+    resolve_dtype(dtype)  # validates: float64 is the only solver
     workers = workers or torch.get_num_threads()
     indices = []
     for ws in window_sets:
@@ -205,7 +205,7 @@ def compute_spectra(
         ws.refined_windows = 0
         indices.append(ws.window_index())
     _solve_parts([(ws, index[:PILOT_WINDOWS], False) for ws, index in zip(window_sets, indices)], workers, on_solved)
-    rest = [(ws, index[PILOT_WINDOWS:], 2 * ws.refined_windows > min(len(index), PILOT_WINDOWS))
+    rest = [(ws, index[PILOT_WINDOWS:], 2 * ws.refined_windows > PILOT_WINDOWS)
             for ws, index in zip(window_sets, indices) if len(index) > PILOT_WINDOWS]
     _solve_parts(rest, workers, on_solved)
     return [ws.eigenvalues() for ws in window_sets]

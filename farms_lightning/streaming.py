@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from farms_lightning.analysis import analyze_layers
-from farms_lightning.layer_plans import skipped
 from farms_lightning.cli_distributed import gather, together
 from farms_lightning.distributed import distributed_context, local_share
+from farms_lightning.layer_plans import skipped
 from farms_lightning.layers import LAYER_TYPES, LayerMatrix, clean_name, discover_layers
 from farms_lightning.report import FARMSReport, LayerStats
 from farms_lightning.safe_io import EXIT_INPUT, CLIError, input_errors, shown
