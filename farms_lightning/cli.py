@@ -53,6 +53,7 @@ from farms_lightning.streaming import (
     analyze_checkpoint,
     largest_tensor,
     open_checkpoint,
+    return_large_blocks_when_freed,
     tied_owners,
 )
 from farms_lightning.streaming import select as select_layers
@@ -236,6 +237,7 @@ def _analysis(args: argparse.Namespace, report_output: Path | None = None, prune
         settings = resolve_settings(args.preset, args.window, args.aspect_ratio, args.windows_per_dim, args.fit,
                                     args.esd, args.dtype, args.min_eigenvalues, args.peak_bound,
                                     getattr(args, "random_baseline", False))  # prune needs only alphas
+    return_large_blocks_when_freed()  # freed windows and shards go back to the system: bounded memory
     if not analyse:
         return checkpoint, layers, FARMSReport([], settings)
     options = StreamOptions(device, group_budget(device, args.max_memory, largest_tensor(layers)), cache)
