@@ -1,12 +1,13 @@
 """Peak memory of a streaming ``farms-lightning analyze`` of one LLaMA 4096x4096 matrix, cv vs llm preset.
 
-    python benchmarks/llm_stream_memory.py      # about 5 min on 2 cores (the llm run)
+    python benchmarks/llm_stream_memory.py      # 4-7 min on 2 cores (the llm run)
 
-The ``--max-memory`` estimate counts the solver's batches as at most 3 x 32 MiB per thread; a
-2000x2000 window of the ``llm`` preset is larger than a batch on its own, and the C allocator keeps
-freed blocks while a tensor is analysed (they are handed back after every group). This prints the
-peak RSS and peak ``RssAnon`` of both presets on the same one-matrix checkpoint (random baseline
-off), so the difference is the ``llm`` preset's own working set.
+The ``--max-memory`` estimate counts the solver's batches as at most 3 x 32 MiB per thread, and a
+2000x2000 window of the ``llm`` preset is a batch on its own. The command line has glibc give freed
+blocks of 4 MiB or more back at once (``streaming.return_large_blocks_when_freed``); without that,
+glibc kept freed windows for reuse and the ``llm`` run peaked far higher. This prints the peak RSS
+and peak ``RssAnon`` of both presets on the same one-matrix checkpoint (random baseline off), so the
+difference is the ``llm`` preset's own working set.
 """
 
 from __future__ import annotations
