@@ -41,7 +41,7 @@ def main() -> None:
         settings = resolve_settings(**kw)
         sets = [p for p in (plan_layer(layer, settings, {}) for layer in discover_layers(model)) if isinstance(p, WindowSet)]
         compute_spectra(sets)
-        total = sum(len(ws.window_index()) for ws in sets)
+        total = sum(ws.num_windows for ws in sets)
         solved = sum(ws.refined_windows for ws in sets)
         print(f"{label}: {solved} of {total} windows solved by the float64 SVD ({100 * solved / total:.0f}%)")
     for m in (192, 100):

@@ -240,7 +240,7 @@ def _window_reporter(
     """``compute_spectra``'s hook, told in layer positions and window totals."""
     if on_windows is None:
         return None
-    where = {id(p): (i, len(p.window_index())) for i, p in enumerate(plans) if isinstance(p, WindowSet)}
+    where = {id(p): (i, p.num_windows) for i, p in enumerate(plans) if isinstance(p, WindowSet)}
 
     def solved(ws: WindowSet, count: int) -> None:
         i, total = where[id(ws)]

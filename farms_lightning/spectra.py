@@ -92,11 +92,14 @@ class WindowSet:
     refined_windows: int = 0
 
     @property
+    def num_windows(self) -> int:
+        """How many windows the set has (the rows of :meth:`window_index`)."""
+        return len(self.matrices) * len(self.grid.row_starts) * len(self.grid.col_starts)
+
+    @property
     def eigenvalues_per_group(self) -> int:
         """How many eigenvalues each pooled group gets (before any zero is dropped)."""
-        rows_per_group = 1 if self.group_by_row_start else len(self.grid.row_starts)
-        windows = len(self.matrices) * rows_per_group * len(self.grid.col_starts)
-        return windows * min(self.grid.rows, self.grid.cols)
+        return self.num_windows // self.num_groups * min(self.grid.rows, self.grid.cols)
 
     @property
     def num_groups(self) -> int:

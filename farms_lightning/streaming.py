@@ -152,10 +152,12 @@ def _shard_keys(checkpoint: Checkpoint, shard: str) -> list[str]:
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Any:
+def _glibc() -> Any:
+    """The C library when it is glibc (``malloc_trim`` and ``mallopt`` exist), else ``None``."""
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc: nothing to do
         return None
 
 
@@ -171,13 +173,11 @@ def return_large_blocks_when_freed() -> None:
     By default glibc raises its threshold (up to 32 MiB) as large blocks are freed, and then keeps
     freed windows and Gram matrices in its per-thread heaps while a tensor is analysed: a streaming
     ``--preset llm`` analysis of one float16 4096x4096 matrix peaked at 1470 MiB of anonymous memory
-    that way and at 587 MiB with the fixed threshold, in no more time
-    (``benchmarks/llm_stream_memory.py``).
+    that way and at 547 MiB with the fixed threshold (``benchmarks/llm_stream_memory.py``).
     """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def release_freed_memory() -> None:
@@ -186,9 +186,9 @@ def release_freed_memory() -> None:
     glibc keeps freed blocks of the sort and read buffers in its heap, so without this the
     resident memory grows with the number of shards even though nothing is kept.
     """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def select(checkpoint: Checkpoint, layer_types: Any, include: Any, exclude: Any) -> list[LayerMatrix]:
