@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 
 from farms_lightning import analyze
-from farms_lightning.baseline import BASELINE_DRAWS
-from farms_lightning.state_dict import model_from_state_dict
+from farms_lightning.engine.baseline import BASELINE_DRAWS
+from farms_lightning.models.state_dict import model_from_state_dict
 
 #: The matrices of one LLaMA-7B block, as (out, in), and how many of each shape it has.
 LLAMA_7B_BLOCK = {(4096, 4096): 4, (11008, 4096): 2, (4096, 11008): 1}
@@ -135,7 +135,7 @@ def streaming_rows(size_gb: float, add: Callable[[str, float, float], None], tin
 
 
 def main() -> None:
-    from bench_farms import measure  # the benchmark's own timer (best of runs, peak extra RSS)
+    from bench_common import measure  # the benchmark's own timer (best of runs, peak extra RSS)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from farms_lightning import analyze
-from farms_lightning.analysis import resolve_settings
+from farms_lightning.engine.analysis import resolve_settings
+from farms_lightning.engine.layer_plans import plan_layer
+from farms_lightning.engine.spectra import WindowSet, compute_spectra
+from farms_lightning.engine.windows import farms_grid
 from farms_lightning.functional import fit_power_law
-from farms_lightning.layer_plans import plan_layer
-from farms_lightning.layers import discover_layers
-from farms_lightning.spectra import WindowSet, compute_spectra
-from farms_lightning.state_dict import model_from_state_dict
-from farms_lightning.windows import farms_grid
+from farms_lightning.models.layers import discover_layers
+from farms_lightning.models.state_dict import model_from_state_dict
 
 
 def main() -> None:

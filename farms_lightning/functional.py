@@ -2,13 +2,13 @@
 
 from typing import Any
 
-from farms_lightning.powerlaw import PowerLawFit, fit_power_law
-from farms_lightning.spectra import farms_eigenvalues, full_eigenvalues
+from farms_lightning.engine.powerlaw import PowerLawFit, fit_power_law
+from farms_lightning.engine.spectra import farms_eigenvalues, full_eigenvalues
 
 
 def __getattr__(name: str) -> Any:
     if name == "farms_metrics":  # lives beside FARMSMetric (torchmetrics), imported on first use
-        from farms_lightning.metric import farms_metrics
+        from farms_lightning.training.metric import farms_metrics
 
         return farms_metrics
     raise AttributeError(f"module 'farms_lightning.functional' has no attribute {name!r}")

@@ -3,11 +3,11 @@ import statistics
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from conftest import gaussian, heavy_tailed
 from torch import nn
 
-import reference as ref
 from farms_lightning import analyze
 
 ROW_KEYS = {
@@ -195,8 +195,8 @@ def test_orthogonal_layers_are_flat_in_every_precision(dtype):
 
 
 def test_frozen_unchanged_layers_are_reused_not_reanalysed(monkeypatch):
-    from farms_lightning import analysis
-    from farms_lightning.layers import discover_layers
+    from farms_lightning.engine import analysis
+    from farms_lightning.models.layers import discover_layers
 
     model = small_cnn()
     for p in list(model[7].parameters()) + list(model[2].parameters()):
@@ -219,8 +219,8 @@ def test_frozen_unchanged_layers_are_reused_not_reanalysed(monkeypatch):
 
 
 def test_frozen_cache_sees_data_updates_and_keeps_tied_layers_apart():
-    from farms_lightning import analysis
-    from farms_lightning.layers import discover_layers
+    from farms_lightning.engine import analysis
+    from farms_lightning.models.layers import discover_layers
 
     torch.manual_seed(0)
     shared = nn.Linear(128, 128)

@@ -6,15 +6,15 @@ import warnings
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from conftest import heavy_tailed
 from torch import nn
 
-import reference as ref
 from farms_lightning import analyze
-from farms_lightning.layers import discover_layers
-from farms_lightning.pruners import prune_model
-from farms_lightning.tempbalance import layer_parameters, parameter_factors, tuned_units
+from farms_lightning.models.layers import discover_layers
+from farms_lightning.policies.pruners import prune_model
+from farms_lightning.policies.tempbalance import layer_parameters, parameter_factors, tuned_units
 
 
 def _heavy(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -159,7 +159,7 @@ def test_head_interleaved_parts_prune_in_place_and_old_names_warn():
 
 
 def test_pruning_callback_and_lr_balancer_follow_renamed_checkpoint_names():
-    from farms_lightning.pruning_callback import FARMSModelPruning
+    from farms_lightning.training.pruning_callback import FARMSModelPruning
 
     pruning = FARMSModelPruning(amount=0.5)
     pruning.alphas = {"c_attn": 3.0, "fc": 2.0, "gone": 4.0}
@@ -344,7 +344,7 @@ def test_dora_gets_a_reason():
 
 # ----------------------------------------------------------------------------- state dicts
 def test_state_dict_shells_split_like_live_modules_and_skip_lora_keys():
-    from farms_lightning.state_dict import model_from_state_dict
+    from farms_lightning.models.state_dict import model_from_state_dict
 
     torch.manual_seed(0)
     live = nn.Module()
@@ -368,7 +368,7 @@ def test_state_dict_shells_split_like_live_modules_and_skip_lora_keys():
 def test_cli_splits_by_key_and_no_split_qkv_keeps_projections_whole(tmp_path, capsys):
     import json
 
-    from farms_lightning.cli import main
+    from farms_lightning.cli.commands import main
 
     torch.manual_seed(0)
     sd = {"blk.attn.qkv.weight": heavy_tailed(192, 64, seed=1), "h.attn.c_attn.weight": heavy_tailed(64, 192, seed=2),

@@ -5,12 +5,13 @@ import statistics
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from torch import nn
 
-import reference as ref
-from farms_lightning import analyze, baseline
-from farms_lightning.report import LayerStats, health_counts, looks_random
+from farms_lightning import analyze
+from farms_lightning.engine import baseline
+from farms_lightning.engine.report import LayerStats, health_counts, looks_random
 
 
 def independent_baseline(shape, esd, fit, conv=False):
@@ -135,7 +136,7 @@ def test_huge_layers_are_analysed_draw_by_draw_with_equal_results(monkeypatch):
     baseline.clear_cache()
     batched = analyze(model, fit="ks")
     calls = []
-    from farms_lightning import analysis
+    from farms_lightning.engine import analysis
 
     original = analysis.analyze_layers
     monkeypatch.setattr(analysis, "analyze_layers", lambda layers, *a, **k: calls.append(len(layers)) or original(layers, *a, **k))
@@ -174,7 +175,7 @@ def test_a_baseline_error_is_said_and_costs_no_layer(monkeypatch):
 
 
 def test_baseline_draws_skip_the_whole_matrix_metrics(monkeypatch):
-    from farms_lightning import analysis
+    from farms_lightning.engine import analysis
 
     seen = []
     original = analysis.whole_matrix_metrics

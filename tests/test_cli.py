@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from farms_lightning import analyze
-from farms_lightning.cli import main
-from farms_lightning.pruning import alpha_sparsity
-from farms_lightning.state_dict import model_from_state_dict
+from farms_lightning.cli.commands import main
+from farms_lightning.models.state_dict import model_from_state_dict
+from farms_lightning.policies.pruning import alpha_sparsity
 
 
 def state_dict() -> dict[str, torch.Tensor]:

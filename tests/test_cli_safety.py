@@ -21,11 +21,11 @@ from conftest import heavy_tailed
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from farms_lightning import safe_io
-from farms_lightning.cli import main
-from farms_lightning.safe_io import TEMP_PREFIX, CLIError, atomic_write, check_output
-from farms_lightning.safetensors_file import SafetensorsFile, save_safetensors
-from farms_lightning.weight_files import load_weights
+from farms_lightning.cli.commands import main
+from farms_lightning.cli.weight_files import load_weights
+from farms_lightning.files import safe_io
+from farms_lightning.files.safe_io import TEMP_PREFIX, CLIError, atomic_write, check_output
+from farms_lightning.files.safetensors_file import SafetensorsFile, save_safetensors
 
 LATIN1 = os.fsdecode(b"caf\xe9")  # a file name that is not UTF-8
 
@@ -177,7 +177,7 @@ def test_writer_errors_are_output_errors(inputs, capsys, monkeypatch, source):
         save_safetensors(tensors, path, metadata, load)
 
     monkeypatch.setattr(torch, "save", torch_save)
-    monkeypatch.setattr("farms_lightning.stream_prune.save_safetensors", safetensors_save)
+    monkeypatch.setattr("farms_lightning.cli.stream_prune.save_safetensors", safetensors_save)
     if source == "sd.safetensors":
         calls.append("first")
     before = tree(inputs)
@@ -197,7 +197,7 @@ def test_full_disk_in_a_subprocess(inputs):
         (inputs / name).write_text("previous")
     script = textwrap.dedent(f"""
         import json, resource, sys
-        from farms_lightning.cli import main
+        from farms_lightning.cli.commands import main
         resource.setrlimit(resource.RLIMIT_FSIZE, (600, resource.RLIM_INFINITY))
         runs = {{"analyze": ["analyze", "sd.pt", "--format", "json", "-o", "report.json"]}}
         for source, out in {outputs!r}.items():

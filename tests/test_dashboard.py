@@ -19,8 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from farms_lightning import FARMSCallback, analyze
-from farms_lightning.dashboard import log_figure
-from farms_lightning.plotting import plot_history
+from farms_lightning.reporting.plotting import plot_history
+from farms_lightning.training.dashboard import log_figure
 
 
 def _fit(tmp_path, callbacks, epochs=2, logger=None, **kwargs):
@@ -199,7 +199,7 @@ def test_two_callbacks_with_different_prefixes_log_side_by_side(tmp_path):
 
 def _saved_history(tmp_path):
     """Two real analyses (initial weights, then perturbed ones) saved as JSON and CSV."""
-    from farms_lightning.history import history_entry, write_history
+    from farms_lightning.reporting.history import history_entry, write_history
 
     torch.manual_seed(0)
     model = TinyNet()
@@ -214,8 +214,8 @@ def _saved_history(tmp_path):
 
 
 def test_plot_command_writes_the_heatmap_and_never_over_its_input(tmp_path, capsys):
-    from farms_lightning.cli import main
-    from farms_lightning.history import history_matrix, load_history
+    from farms_lightning.cli.commands import main
+    from farms_lightning.reporting.history import history_matrix, load_history
 
     history = _saved_history(tmp_path)
     source = tmp_path / "farms_history.json"

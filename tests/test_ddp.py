@@ -8,9 +8,9 @@ import torch
 from lightning_helpers import TinyNet, loaders
 
 from farms_lightning import FARMSCallback, FARMSMetric, analyze
-from farms_lightning.distributed import assign_layers
+from farms_lightning.engine.distributed import assign_layers
 from farms_lightning.functional import farms_metrics
-from farms_lightning.layers import discover_layers
+from farms_lightning.models.layers import discover_layers
 
 
 class MetricNet(TinyNet):

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from farms_lightning import analyze
-from farms_lightning.layers import clean_name, discover_layers
+from farms_lightning.models.layers import clean_name, discover_layers
 
 
 class GPT2Conv1D(nn.Module):
@@ -119,7 +119,7 @@ def test_shared_modules_and_tied_weights_are_analysed_once():
 
 @pytest.mark.parametrize("order", [("a.b.weight", "a.weight"), ("a.weight", "a.b.weight")])
 def test_state_dict_shells_keep_every_layer_in_any_key_order(order):
-    from farms_lightning.state_dict import model_from_state_dict
+    from farms_lightning.models.state_dict import model_from_state_dict
 
     tensors = {"a.weight": torch.randn(30, 20), "a.b.weight": torch.randn(40, 30, 3, 3), "a.bias": torch.randn(30),
                "emb.word_embeddings.weight": torch.randn(50, 20), "ids": torch.arange(5)}

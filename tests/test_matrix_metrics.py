@@ -10,8 +10,8 @@ from conftest import gaussian, heavy_tailed
 from torch import nn
 
 from farms_lightning import analyze
-from farms_lightning import matrix_metrics as mm
-from farms_lightning.threads import single_threaded_ops
+from farms_lightning.engine import matrix_metrics as mm
+from farms_lightning.engine.threads import single_threaded_ops
 
 
 @pytest.fixture(autouse=True)

@@ -63,7 +63,7 @@ def test_plot_follows_the_torchmetrics_convention():
 
 
 def test_rows_of_other_ranks_are_never_reported_as_fitted(monkeypatch):
-    from farms_lightning import distributed
+    from farms_lightning.engine import distributed
 
     torch.manual_seed(0)
     model = TinyNet()

@@ -2,11 +2,11 @@ import math
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from conftest import heavy_tailed
 
-import reference as ref
-from farms_lightning import powerlaw
+from farms_lightning.engine import powerlaw
 from farms_lightning.functional import farms_eigenvalues, fit_power_law
 
 

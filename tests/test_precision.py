@@ -2,14 +2,14 @@
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from conftest import heavy_tailed
 
-import reference as ref
 from farms_lightning import analyze
+from farms_lightning.engine.spectra import REFINE_RATIO, WindowSet, compute_spectra, window_eigenvalues
+from farms_lightning.engine.windows import farms_grid
 from farms_lightning.functional import farms_eigenvalues, fit_power_law, full_eigenvalues
-from farms_lightning.spectra import REFINE_RATIO, WindowSet, compute_spectra, window_eigenvalues
-from farms_lightning.windows import farms_grid
 
 EPS = float(np.finfo(np.float64).eps)
 
@@ -119,7 +119,7 @@ def test_float32_is_refused_with_its_reason(dtype):
 
 
 def test_cli_refuses_float32_in_one_line(tmp_path, capsys):
-    from farms_lightning.cli import main
+    from farms_lightning.cli.commands import main
 
     torch.save({"enc.weight": heavy_tailed(64, 64, seed=1)}, tmp_path / "sd.pt")
     assert main(["analyze", str(tmp_path / "sd.pt"), "--dtype", "float32"]) == 2

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from farms_lightning import analyze
-from farms_lightning.threads import single_threaded_ops
-from farms_lightning.windows import farms_grid
+from farms_lightning.engine.threads import single_threaded_ops
+from farms_lightning.engine.windows import farms_grid
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 

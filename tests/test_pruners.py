@@ -10,9 +10,9 @@ from lightning_helpers import TinyNet, loaders, trainer
 from torch import nn
 
 from farms_lightning import analyze
-from farms_lightning.pruners import prune_model
-from farms_lightning.pruning_callback import FARMSModelPruning
-from farms_lightning.pruning import alpha_sparsity, weighted_mean
+from farms_lightning.policies.pruners import prune_model
+from farms_lightning.policies.pruning import alpha_sparsity, weighted_mean
+from farms_lightning.training.pruning_callback import FARMSModelPruning
 
 
 class Conv1D(nn.Module):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from farms_lightning import analyze
-from farms_lightning.pruning import alpha_sparsity, block_of, uniform_sparsity, weighted_mean
+from farms_lightning.policies.pruning import alpha_sparsity, block_of, uniform_sparsity, weighted_mean
 
 
 def spec_sparsity(alphas, counts, s, eps):

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 
-import reference as ref
 from farms_lightning import analyze
 from farms_lightning.functional import fit_power_law
-from farms_lightning.state_dict import model_from_state_dict
+from farms_lightning.models.state_dict import model_from_state_dict
 
 
 def minilm_state_dict() -> dict[str, torch.Tensor]:

@@ -2,12 +2,12 @@ import math
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from conftest import gaussian, heavy_tailed
 
-import reference as ref
+from farms_lightning.engine.windows import farms_grid, grid_starts
 from farms_lightning.functional import farms_eigenvalues, full_eigenvalues
-from farms_lightning.windows import farms_grid, grid_starts
 
 
 @pytest.mark.parametrize("size,win,k", [(256, 100, 9), (100, 100, 9), (101, 100, 9), (1000, 7, 3), (50, 10, 1), (12, 2, 20)])

@@ -9,12 +9,13 @@ import torch
 from conftest import heavy_tailed
 from safetensors.torch import save_file, save_model
 
-from farms_lightning import analyze, cli_distributed, streaming
-from farms_lightning.cli import _jsonable, main
-from farms_lightning.pruners import prune_model
-from farms_lightning.pruning import alpha_sparsity, uniform_sparsity
-from farms_lightning.state_dict import model_from_state_dict
-from farms_lightning.weight_files import load_weights, save_weights
+from farms_lightning import analyze
+from farms_lightning.cli import cli_distributed, streaming
+from farms_lightning.cli.commands import _jsonable, main
+from farms_lightning.cli.weight_files import load_weights, save_weights
+from farms_lightning.models.state_dict import model_from_state_dict
+from farms_lightning.policies.pruners import prune_model
+from farms_lightning.policies.pruning import alpha_sparsity, uniform_sparsity
 
 
 def state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -157,7 +158,7 @@ def count_analyses(monkeypatch, fail_after=None):
 
 def test_cache_resumes_and_prune_reuses_the_alphas(root, capsys, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    monkeypatch.setattr(streaming, "GROUP_BYTES", 1)  # one tensor per group: an interruption between tensors
+    monkeypatch.setattr(cli_distributed, "GROUP_BYTES", 1)  # one tensor per group: an interruption between tensors
     with monkeypatch.context() as patch:
         calls = count_analyses(patch, fail_after=2)
         with pytest.raises(KeyboardInterrupt):
@@ -188,7 +189,7 @@ def test_cache_is_an_output_under_the_safety_rules(root, tmp_path, capsys):
 
 
 def test_progress_moves_within_a_big_tensor_as_its_windows_are_solved(root):
-    from farms_lightning.analysis import resolve_settings
+    from farms_lightning.engine.analysis import resolve_settings
 
     checkpoint = streaming.open_checkpoint(root / "sd.safetensors", trust_pickle=False)
     layers = streaming.select(checkpoint, None, ["enc.0"], None)

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import save_file
 
 from farms_lightning import analyze
-from farms_lightning.cli import _jsonable
-from farms_lightning.pruners import prune_model
-from farms_lightning.pruning import alpha_sparsity
-from farms_lightning.state_dict import model_from_state_dict
-from farms_lightning.weight_files import load_weights, save_weights
+from farms_lightning.cli.commands import _jsonable
+from farms_lightning.cli.weight_files import load_weights, save_weights
+from farms_lightning.models.state_dict import model_from_state_dict
+from farms_lightning.policies.pruners import prune_model
+from farms_lightning.policies.pruning import alpha_sparsity
 
 SHARDS, PER_SHARD, SHAPE = 4, 8, (1024, 2048)  # 32 float32 matrices of 8 MiB: a 256 MiB checkpoint
 MiB = 1 << 20
@@ -82,7 +82,7 @@ def test_a_sharded_checkpoint_streams_in_bounded_memory(tmp_path, kind):
     pruned), so the difference is what three more shards (192 MiB) add; read whole, they would add
     at least 192 MiB.
     """
-    from farms_lightning.cli import main
+    from farms_lightning.cli.commands import main
 
     size = generate(tmp_path / "big", kind)
     added = size - generate(tmp_path / "small", kind, shards=1)
@@ -120,7 +120,7 @@ def torchrun(argv: list, tmp_path: Path, script: str | None = None) -> subproces
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_give_one_process_outputs(tmp_path, capsys):
-    from farms_lightning.cli import main
+    from farms_lightning.cli.commands import main
 
     for kind in ("safetensors", "torch"):
         generate(tmp_path / kind, kind, shards=3, per_shard=2, shape=(200, 300))
@@ -146,9 +146,9 @@ def test_torchrun_two_ranks_give_one_process_outputs(tmp_path, capsys):
     script = tmp_path / "failing.py"
     script.write_text(textwrap.dedent("""
         import os, sys
-        from farms_lightning import stream_prune
-        from farms_lightning.cli import main
-        from farms_lightning.safe_io import output_errors
+        from farms_lightning.cli import stream_prune
+        from farms_lightning.cli.commands import main
+        from farms_lightning.files.safe_io import output_errors
         real = stream_prune._write_file
         def write(checkpoint, shard, sparsities, target, label=None):
             if os.environ["RANK"] == "1":

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from farms_lightning import analyze, farms_param_groups, lr_factors
-from farms_lightning.lr_scaling import ParamGroupLRScaler
-from farms_lightning.tempbalance import layer_parameters, parameter_factors, tuned_units
+from farms_lightning.policies.lr_scaling import ParamGroupLRScaler
+from farms_lightning.policies.tempbalance import layer_parameters, parameter_factors, tuned_units
 
 
 def test_mappings_follow_the_spec():

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from farms_lightning import analyze
-from farms_lightning.layer_plans import degenerate_conv_reason
-from farms_lightning.layers import discover_layers
+from farms_lightning.engine.layer_plans import degenerate_conv_reason
+from farms_lightning.models.layers import discover_layers
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow

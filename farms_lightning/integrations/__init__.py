@@ -1,5 +1,4 @@
-"""Integrations with other training loops; each needs its own optional extra and is imported on use.
+"""Other training loops (``transformers.Trainer``: :mod:`farms_lightning.integrations.transformers`).
 
-* :mod:`farms_lightning.integrations.transformers`: ``FARMSTrainerCallback`` for Hugging Face
-  ``transformers.Trainer`` (``pip install 'farms_lightning[transformers]'``).
+May import every wing below ``training`` (not ``training`` itself, nor ``cli``); each module needs its own extra.
 """

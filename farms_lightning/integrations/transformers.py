@@ -15,13 +15,19 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
-from farms_lightning.analysis import resolve_settings
-from farms_lightning.distributed import analyze_distributed
-from farms_lightning.layers import validate_discovery_args
-from farms_lightning.history import HISTORY_FORMATS, history_entry, history_path, report_scalars, write_history
-from farms_lightning.lr_scaling import ParamGroupLRScaler
-from farms_lightning.report import FARMSReport
-from farms_lightning.tempbalance import layer_parameters, parameter_factors, validate_mapping_args
+from farms_lightning.engine.analysis import resolve_settings
+from farms_lightning.engine.distributed import analyze_distributed
+from farms_lightning.engine.report import FARMSReport
+from farms_lightning.models.layers import validate_discovery_args
+from farms_lightning.policies.lr_scaling import ParamGroupLRScaler
+from farms_lightning.policies.tempbalance import layer_parameters, parameter_factors, validate_mapping_args
+from farms_lightning.reporting.history import (
+    HISTORY_FORMATS,
+    history_entry,
+    history_path,
+    report_scalars,
+    write_history,
+)
 
 #: Per-layer statistics that can be logged (the row keys of a numeric statistic).
 _NON_METRICS = ("name", "type", "shape", "status", "reason", "num_params")
@@ -117,7 +123,7 @@ class FARMSTrainerCallback(TrainerCallback):
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"`{name}` must be None or an integer >= 0, got {value!r}")
-        from farms_lightning.report import LayerStats
+        from farms_lightning.engine.report import LayerStats
 
         known = [f for f in LayerStats.__dataclass_fields__ if f not in _NON_METRICS]
         unknown = [m for m in log_metrics if m not in known]
