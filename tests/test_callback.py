@@ -24,7 +24,7 @@ def _fit(tmp_path, callbacks, epochs=2, seed=0, ckpt_path=None, with_val=True, *
 
 
 def test_tensorboard_scalars_equal_analyze_of_each_epochs_weights(tmp_path):
-    farms = FARMSCallback(log_figures=True)
+    farms = FARMSCallback(log_figures=True, log_histogram=True)
     snaps = WeightSnapshots()
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     t, model = _fit(tmp_path, [farms, snaps], epochs=3, logger=logger)

@@ -4,6 +4,7 @@ see the current epoch (Optuna's pruner, weight averaging), figures for other log
 import io
 import json
 import re
+from pathlib import Path
 
 import lightning.pytorch as pl
 import matplotlib.pyplot as plt
@@ -39,6 +40,13 @@ def _layout(events):
     return {c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart} for c in layout.category}
 
 
+def _layer_runs(log_dir, prefix="farms"):
+    """Every per-layer run's events, by layer name (the sub-folders of ``<prefix>_by_layer``)."""
+    folder = Path(log_dir) / f"{prefix}_by_layer"
+    return {run.name: EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+            for run in sorted(folder.iterdir())}
+
+
 def test_layout_heatmap_and_steps_read_back_from_tensorboard(tmp_path):
     main = FARMSCallback(log_metrics=["alpha", "stable_rank"], log_figures=True, save_history="json")
     full = FARMSCallback(esd="full", prefix="farms_full", log_histogram=False, save_history="csv",
@@ -51,15 +59,29 @@ def test_layout_heatmap_and_steps_read_back_from_tensorboard(tmp_path):
     layout = _layout(events)
     # One merged layout: the second callback's category was added, not written over the first.
     assert list(layout) == ["farms", "farms_full"]
-    # features.0 (9 eigenvalues per ESD) is never fitted: it has no scalar, so no line.
-    exact = [f"^{re.escape(f'farms/alpha/{n}')}$" for n in names[1:]]
-    assert layout["farms"]["alpha (all layers)"] == exact
-    assert layout["farms"]["stable_rank (all layers)"] == [t.replace("alpha/", "stable_rank/") for t in exact]
-    assert "^farms/alpha_mean$" in layout["farms"]["summary"]
+    # Per-layer charts draw the per-layer runs: one line (colour, name) per layer.
+    assert layout["farms"]["alpha by layer"] == [f"^{re.escape('farms_by_layer/alpha')}$"]
+    assert layout["farms"]["stable_rank by layer"] == [f"^{re.escape('farms_by_layer/stable_rank')}$"]
+    assert layout["farms_full"]["alpha by layer"] == [f"^{re.escape('farms_full_by_layer/alpha')}$"]
+    # The summary is grouped by scale: alpha values, alpha_delta values, counts, each apart.
+    assert layout["farms"]["alpha (summary)"] == ["^farms/alpha_mean$", "^farms/alpha_median$",
+                                                  "^farms/alpha_random_mean$"]
+    assert layout["farms"]["alpha_delta (summary)"] == ["^farms/alpha_delta_mean$", "^farms/alpha_delta_median$"]
+    assert layout["farms"]["alpha_weighted_mean"] == ["^farms/alpha_weighted_mean$"]
     assert "^farms/num_fitted$" in layout["farms"]["layer counts"]
-    assert layout["farms_full"]["alpha (all layers)"] == [t.replace("farms/", "farms_full/") for t in exact]
-    # Every charted tag is a logged scalar.
-    scalars = set(events.Tags()["scalars"])
+    assert "^farms/num_looks_random$" in layout["farms"]["layer counts"]
+    # features.0 (degenerate) is never fitted and head.4 (10x10 windows) too small: neither has a run.
+    runs = _layer_runs(logger.log_dir)
+    assert list(runs) == ["features.2", "head.0", "head.2"]
+    for name, run in runs.items():
+        assert sorted(run.Tags()["scalars"]) == ["farms_by_layer/alpha", "farms_by_layer/stable_rank"]
+        # The same values as the main run's per-layer scalars, at the same steps.
+        main_points = [(e.step, e.value) for e in events.Scalars(f"farms/alpha/{name}")]
+        assert [(e.step, e.value) for e in run.Scalars("farms_by_layer/alpha")] == main_points
+    assert list(_layer_runs(logger.log_dir, "farms_full")) == ["features.2", "head.0", "head.2"]
+    # Every charted tag is a logged scalar, in the main run or in the per-layer runs.
+    layer_runs = [*runs.values(), *_layer_runs(logger.log_dir, "farms_full").values()]
+    scalars = set(events.Tags()["scalars"]).union(*(run.Tags()["scalars"] for run in layer_runs))
     for group in layout.values():
         for tags in group.values():
             for tag in tags:
@@ -71,7 +93,8 @@ def test_layout_heatmap_and_steps_read_back_from_tensorboard(tmp_path):
     assert [e.step for e in images] == steps
     picture = plt.imread(io.BytesIO(images[-1].encoded_image_string), format="png")
     assert picture.shape[0] == images[-1].height > 100 and picture.shape[1] == images[-1].width > 100
-    assert "farms_full/alpha_heatmap" not in events.Tags()["images"]  # log_figures is per callback
+    # The heatmap is on by default (matplotlib is installed); ESD figures only with log_figures.
+    assert "farms_full/alpha_heatmap" in events.Tags()["images"] and "farms_full/esd" not in events.Tags()["images"]
     # History files are named by prefix; the full-ESD alphas differ from the FARMS ones.
     with open(f"{logger.log_dir}/farms_history.json") as f:
         assert json.load(f) == json.loads(json.dumps(main.history))
@@ -237,3 +260,55 @@ def test_plot_command_writes_the_heatmap_and_never_over_its_input(tmp_path, caps
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".farms-tmp-")]
     assert "refusing" in capsys.readouterr().err
+
+
+class TwoClassNet(TinyNet):
+    """TinyNet with a 2-row classification head, as every binary fine-tune has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head[-1] = torch.nn.Linear(120, 2)
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch[0], batch[1] % 2), batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        return super().validation_step((batch[0], batch[1] % 2), batch_idx)
+
+
+def test_the_default_callback_shows_alpha_delta_in_tensorboard(tmp_path):
+    """FARMSCallback() with Lightning's default TensorBoardLogger, read back with TensorBoard's own loader."""
+    pl.seed_everything(0, verbose=False)
+    model, farms = TwoClassNet(), FARMSCallback()
+    t = trainer(tmp_path, max_epochs=2, callbacks=[farms], logger=True)
+    assert isinstance(t.logger, TensorBoardLogger)  # Lightning's default logger
+    t.fit(model, *loaders())
+    events = EventAccumulator(t.logger.log_dir, size_guidance={"scalars": 0, "images": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    report = farms.last_report
+    judged = [s.name for s in report.layers if s.status == "ok"]
+    assert judged == ["features.2", "head.0", "head.2"]
+    # The 2-row head is reported as too small, with its reason, and is in no summary value.
+    head = report["head.4"]
+    assert head.status == "too_small" and "2x2 windows" in head.reason and head.alpha is None
+    assert report.summary["num_too_small"] == 1 and report.summary["num_fitted"] == 3
+    assert not any(tag.endswith("/head.4") for tag in scalars)
+    fitted = [report[n] for n in judged]
+    assert report.summary["alpha_mean"] == pytest.approx(np.mean([s.alpha for s in fitted]), rel=1e-12)
+    assert report.summary["alpha_delta_mean"] == pytest.approx(np.mean([s.alpha_delta for s in fitted]), rel=1e-12)
+    # Per layer: alpha and alpha_delta; the summary's alpha_delta_mean; at init and after epochs 0 and 1.
+    for name in judged:
+        assert {f"farms/alpha/{name}", f"farms/alpha_delta/{name}"} <= scalars
+        points = [e.value for e in events.Scalars(f"farms/alpha_delta/{name}")]
+        assert points == pytest.approx([h_row["alpha_delta"] for h in farms.history for h_row in h["layers"]
+                                        if h_row["name"] == name], rel=1e-6)
+    means = [e.value for e in events.Scalars("farms/alpha_delta_mean")]
+    assert means == pytest.approx([h["summary"]["alpha_delta_mean"] for h in farms.history], rel=1e-6)
+    assert len(means) == 3 and "farms/num_looks_random" in scalars
+    assert "farms/num_under_trained" not in scalars  # NaN (not assessed) outside full-ESD ks fits: not logged
+    # The heatmap image, by default, at every analysis; no histogram of a handful of values.
+    assert len(events.Images("farms/alpha_heatmap")) == 3 and events.Tags()["histograms"] == []
+    # Per-layer runs, one per judged layer, each drawing its own alpha_delta line.
+    runs = _layer_runs(t.logger.log_dir)
+    assert list(runs) == judged
+    assert all(len(run.Scalars("farms_by_layer/alpha_delta")) == 3 for run in runs.values())

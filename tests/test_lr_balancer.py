@@ -90,8 +90,9 @@ def _expected_factors(state, s1=0.2, s2=1.8):
     model = LRNet()
     model.load_state_dict(state)
     report = analyze(model)
-    fitted = [s.name for s in report.layers if s.status == "ok"]
-    tuned = fitted[1:-1]
+    # Layers too small to judge (the 10-class head) keep their place in the order, untuned.
+    ordered = [s for s in report.layers if s.status in ("ok", "too_small")]
+    tuned = [s.name for s in ordered[1:-1] if s.status == "ok"]
     alphas = [report[n].alpha for n in tuned]
     return {n: s1 + (s2 - s1) * (a - min(alphas)) / (max(alphas) - min(alphas)) for n, a in zip(tuned, alphas)}
 

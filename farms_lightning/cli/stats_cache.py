@@ -33,7 +33,7 @@ from farms_lightning.files.safe_io import (
 from farms_lightning.models.layers import LayerMatrix
 
 #: Part of every key: raise it when a change alters the statistics without a new release.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: layers too small to judge have their own status
 #: Failures that depend on the run (memory, device), not on the weights: never cached.
 TRANSIENT = ("analysis error", "eigenvalue error")
 

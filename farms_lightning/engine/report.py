@@ -21,8 +21,10 @@ RANDOM_SPREAD_FACTOR = 1.5
 class LayerStats:
     """FARMS statistics of one weight matrix; ``status`` is ``"ok"`` exactly when alpha is a float.
 
-    ``"skipped"`` layers were not analysable and ``"failed"`` ones gave no fit; ``reason`` says why
-    (for an ``"ok"`` layer it is empty, or a note on how it was read, e.g. a fused projection left whole).
+    ``"skipped"`` layers were not analysable, ``"too_small"`` ones have windows too small to judge
+    (fewer than 16 eigenvalues each; no alpha, left out of every summary value) and ``"failed"`` ones
+    gave no fit; ``reason`` says why (for an ``"ok"`` layer it is empty, or a note on how it was read,
+    e.g. a fused projection left whole).
     Metrics are ``None`` where they do not exist (skipped layers have none). ``lambda_max``,
     ``log_spectral_norm``, ``norm``, ``log_norm`` and ``stable_rank`` describe the whole weight
     matrix (a conv: its unscaled ``(out, in/groups·kh·kw)`` reshape, the mean over groups), in every
@@ -125,8 +127,11 @@ class FARMSReport(Mapping[str, LayerStats]):
         s = self.summary
         lines.append(
             f"alpha mean {_fmt(s['alpha_mean'])}, median {_fmt(s['alpha_median'])}; "
-            f"{s['num_fitted']} fitted, {s['num_failed']} failed, {s['num_skipped']} skipped"
-            + (f"; random-matrix alpha mean {_fmt(s['alpha_random_mean'])}" if baseline else "")
+            f"{s['num_fitted']} fitted, {s['num_too_small']} too small, {s['num_failed']} failed, "
+            f"{s['num_skipped']} skipped"
+            + (f"; alpha_delta mean {_fmt(s['alpha_delta_mean'])} (random-matrix alpha mean "
+               f"{_fmt(s['alpha_random_mean'])}), {_fmt(s['num_looks_random'])} of {s['num_fitted']} fitted "
+               "look random" if baseline else "")
         )
         return "\n".join(lines)
 
@@ -147,14 +152,20 @@ def summarize(layers: tuple[LayerStats, ...], settings: Mapping[str, Any] | None
     alphas = [layer.alpha for layer in layers if layer.alpha is not None]
     weighted = [layer.alpha_weighted for layer in fitted if layer.alpha_weighted is not None]
     randoms = [layer.alpha_random for layer in fitted if layer.alpha_random is not None]
+    deltas = [layer.alpha_delta for layer in fitted if layer.alpha_delta is not None]
+    verdicts = [v for v in (looks_random(layer) for layer in fitted) if v is not None]
     under, over = health_counts(fitted, settings)
     return {
         "alpha_mean": statistics.fmean(alphas) if alphas else math.nan,
         "alpha_median": statistics.median(alphas) if alphas else math.nan,
         "alpha_weighted_mean": statistics.fmean(weighted) if weighted else math.nan,
         "alpha_random_mean": statistics.fmean(randoms) if randoms else math.nan,
+        "alpha_delta_mean": statistics.fmean(deltas) if deltas else math.nan,
+        "alpha_delta_median": statistics.median(deltas) if deltas else math.nan,
         "num_layers": len(layers),
         "num_fitted": len(fitted),
+        "num_looks_random": sum(verdicts) if verdicts else math.nan,
+        "num_too_small": sum(layer.status == "too_small" for layer in layers),
         "num_skipped": sum(layer.status == "skipped" for layer in layers),
         "num_failed": sum(layer.status == "failed" for layer in layers),
         "num_under_trained": under,
@@ -182,22 +193,14 @@ def looks_random(layer: LayerStats) -> bool | None:
 
 
 def health_counts(fitted: list[LayerStats], settings: Mapping[str, Any] | None) -> tuple[float, float]:
-    """``(num_under_trained, num_over_trained)`` of fitted layers, only where a rule is validated.
+    """``(num_under_trained, num_over_trained)``: WeightWatcher's labels, only where they were calibrated.
 
-    - ``esd="full", fit="ks"``: WeightWatcher's labels, alpha > 6 under-trained, alpha < 2 over-trained.
-    - ``fit="median"`` (FARMS or full ESD): under-trained = :func:`looks_random`, among the layers
-      with a baseline; the median fit's random draws agree closely (ranges of 0.01-0.04 on
-      MiniLM's shapes), so a layer below its baseline is clearly told apart. Over-trained is NaN: nothing tells "too heavy a tail"
-      apart from "well trained".
-    - other settings (``ks``/``peak`` fits): NaN, NaN. Their random draws spread too widely for a
-      per-layer verdict (FARMS ``ks`` on one 384x384 shape: 20 to 48 over 5 draws).
-
-    NaN means "not assessed", never "none"; both are NaN without any baseline (``random_baseline=False``).
+    Under ``esd="full", fit="ks"``: alpha > 6 is under-trained, alpha < 2 over-trained. Elsewhere
+    both are NaN ("not assessed", never "none"): the thresholds do not carry over to other ESD
+    modes or fits. What every setting with a baseline does report is ``num_looks_random``
+    (:func:`looks_random`).
     """
-    if uses_weightwatcher_labels(settings):
-        alphas = [layer.alpha for layer in fitted if layer.alpha is not None]
-        return sum(a > UNDER_TRAINED_ALPHA for a in alphas), sum(a < OVER_TRAINED_ALPHA for a in alphas)
-    verdicts = [v for v in (looks_random(layer) for layer in fitted) if v is not None]
-    if settings is None or settings.get("fit") != "median" or not verdicts:
+    if not uses_weightwatcher_labels(settings):
         return math.nan, math.nan
-    return sum(verdicts), math.nan
+    alphas = [layer.alpha for layer in fitted if layer.alpha is not None]
+    return sum(a > UNDER_TRAINED_ALPHA for a in alphas), sum(a < OVER_TRAINED_ALPHA for a in alphas)

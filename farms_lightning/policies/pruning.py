@@ -48,7 +48,7 @@ def alpha_sparsity(
     2, 3, 6 with counts 1e6, 1e6, 1e5, ``S = 0.8``, ``ε = 0.3`` give 1.30 for the third layer
     before clipping).
 
-    Layers without an alpha (``status`` skipped or failed, or ``None``/NaN in a dict) get ``S`` and
+    Layers without an alpha (``status`` skipped, too_small or failed, or ``None``/NaN in a dict) get ``S`` and
     take no part in the spread, so the overall weighted mean is still ``S``. Layers that share
     their weights with an earlier layer (``reason`` "shares weights with ...") are left out of the
     result: pruning the owner prunes them.

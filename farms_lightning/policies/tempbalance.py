@@ -74,15 +74,24 @@ def tuned_units(
     remove_last_layer: bool = True,
 ) -> list[list[str]]:
     """Fitted layers in model order (embeddings never), grouped by the parameter they live in
-    (the q/k/v of one MHA in-projection are one unit), minus the first and the last unit."""
+    (the q/k/v of one MHA in-projection are one unit), minus the first and the last unit.
+
+    Layers too small to judge (``status="too_small"``, e.g. a 2-class head) keep their place in that
+    order, so that the layer before such a head is not taken for the last one, but are not tuned:
+    their learning rate keeps factor 1, as the first and last layers' does.
+    """
     units: dict[int, list[str]] = {}
+    small: set[int] = set()
     for s in report.layers:
-        if s.status == "ok" and s.type != "Embedding" and layer_params.get(s.name):
-            units.setdefault(id(layer_params[s.name][0]), []).append(s.name)
-    ordered = list(units.values())
+        if s.status in ("ok", "too_small") and s.type != "Embedding" and layer_params.get(s.name):
+            unit = id(layer_params[s.name][0])
+            units.setdefault(unit, []).append(s.name)
+            if s.status == "too_small":
+                small.add(unit)
+    ordered = list(units.items())
     start = 1 if remove_first_layer else 0
     stop = len(ordered) - 1 if remove_last_layer else len(ordered)
-    return ordered[start:max(start, stop)]
+    return [names for unit, names in ordered[start:max(start, stop)] if unit not in small]
 
 
 def layer_parameters(model: nn.Module, pair_norm_layers: bool = True, **discovery: object) -> dict[str, list[torch.Tensor]]:

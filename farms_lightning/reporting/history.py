@@ -19,7 +19,8 @@ from farms_lightning.engine.report import FARMSReport
 
 HISTORY_FORMATS = ("json", "csv")
 #: Summary keys that count layers (charted apart from the alpha-scale summary values).
-COUNT_KEYS = ("num_layers", "num_fitted", "num_skipped", "num_failed", "num_under_trained", "num_over_trained")
+COUNT_KEYS = ("num_layers", "num_fitted", "num_looks_random", "num_too_small", "num_skipped", "num_failed",
+              "num_under_trained", "num_over_trained")
 
 History = list[dict[str, Any]]
 
@@ -130,13 +131,15 @@ def heatmap_metric(history: History) -> str:
     return "alpha_delta" if any(row.get("alpha_delta") is not None for row in rows) else "alpha"
 
 
-def analysis_label(entry: dict[str, Any]) -> str:
-    """A short column label: ``init`` (before training), ``e<epoch>`` (epoch end), ``s<step>`` (a step)."""
+def analysis_label(entry: dict[str, Any], long: bool = False) -> str:
+    """When an analysis was made: ``init`` (before training), ``e<epoch>`` (the end of that 0-based
+    epoch, Lightning's ``current_epoch``), ``s<step>`` (after that optimizer step); ``long``:
+    ``init (before training)``, ``epoch <epoch>``, ``step <step>``."""
     if entry["stage"] == "train_start":
-        return "init"
+        return "init (before training)" if long else "init"
     if entry["stage"] == "epoch":
-        return f"e{entry['epoch']}"
-    return f"s{entry['step']}"
+        return f"epoch {entry['epoch']}" if long else f"e{entry['epoch']}"
+    return f"step {entry['step']}" if long else f"s{entry['step']}"
 
 
 def history_matrix(history: History, metric: str = "alpha") -> tuple[list[str], list[str], list[list[float]]]:

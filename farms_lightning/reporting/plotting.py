@@ -27,17 +27,37 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot_alphas(alphas: Mapping[str, float], ax: Any = None) -> tuple[Any, Any]:
-    """Bar chart of alpha per layer, with WeightWatcher's healthy band (2 to 6) shaded."""
+def plot_alphas(alphas: Union[FARMSReport, Mapping[str, float]], ax: Any = None,
+                weightwatcher_band: bool = False) -> tuple[Any, Any]:
+    """Bar chart of alpha per layer (model order), each against its own random-matrix baseline.
+
+    With a report whose layers carry a baseline, each bar gets a black marker at the baseline's
+    alpha with a bar over the spread of its random draws: a layer whose alpha sits inside that bar
+    looks random. ``weightwatcher_band`` shades WeightWatcher's "2 <= alpha <= 6" band, which holds
+    for full-ESD ``ks`` fits only (``esd="full", fit="ks"``): leave it off elsewhere.
+    """
     plt = _pyplot()
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(max(4.0, 0.35 * len(alphas) + 2), 3.5))
-    names = list(alphas)
-    ax.bar(range(len(names)), [alphas[n] for n in names], color="tab:blue")
-    ax.axhspan(2.0, 6.0, color="tab:green", alpha=0.1, label="2 ≤ alpha ≤ 6")
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    if isinstance(alphas, FARMSReport):
+        fitted = [s for s in alphas.layers if s.alpha is not None]
+        values = {s.name: float(s.alpha) for s in fitted if s.alpha is not None}
+        baselines = {s.name: (s.alpha_random, s.alpha_random_spread) for s in fitted
+                     if s.alpha_random is not None and s.alpha_random_spread is not None}
+    else:
+        values, baselines = dict(alphas), {}
+    names = list(values)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(max(5.0, 0.4 * len(names) + 2), 4.0))
+    ax.bar(range(len(names)), [values[n] for n in names], color="tab:blue", label="alpha")
+    if baselines:
+        xs = [i for i, n in enumerate(names) if n in baselines]
+        ax.errorbar(xs, [baselines[names[i]][0] for i in xs], yerr=[baselines[names[i]][1] / 2 for i in xs],
+                    fmt="_", color="black", ms=12, capsize=3, label="random-matrix alpha (range of draws)")
+    if weightwatcher_band:
+        ax.axhspan(2.0, 6.0, color="tab:green", alpha=0.1, label="2 ≤ alpha ≤ 6 (WeightWatcher, full ESD + ks)")
+    ax.set_xticks(range(len(names)), [n or "(model)" for n in names], rotation=90, fontsize=9)
     ax.set_xlabel("layer (model order)")
     ax.set_ylabel("alpha")
-    ax.legend(loc="upper right", fontsize=7)
+    if baselines or weightwatcher_band:
+        ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig, ax
 
@@ -96,8 +116,8 @@ def plot_history(history_or_path: Union[History, str, os.PathLike], metric: str 
     plt = _pyplot()
     layers, columns, values = history_matrix(load_history(history_or_path), metric)
     data = np.ma.masked_invalid(np.array(values, dtype=float))
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(min(16.0, 2.5 + 0.45 * len(columns)), min(14.0, 1.5 + 0.3 * len(layers))))
+    if ax is None:  # large enough to read at TensorBoard's card size (fonts of 9 points at 100 dpi)
+        fig, ax = plt.subplots(figsize=(min(16.0, 4.0 + 0.5 * len(columns)), min(16.0, 2.0 + 0.32 * len(layers))))
     else:
         fig = ax.figure
     if metric.endswith("_delta"):  # signed: blue below zero (heavier tail than random), red above
@@ -109,11 +129,14 @@ def plot_history(history_or_path: Union[History, str, os.PathLike], metric: str 
     image = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap, **limits)
     step = max(1, math.ceil(len(columns) / 30))  # at most ~30 column labels
     ax.set_xticks(range(0, len(columns), step), columns[::step], rotation=90 if len(columns) > 12 else 0,
-                  fontsize=7)
-    ax.set_yticks(range(len(layers)), layers, fontsize=7)
-    ax.set_xlabel("analysis (init: before training, eN: end of epoch N, sN: after step N)")
+                  fontsize=9)
+    ax.set_yticks(range(len(layers)), layers, fontsize=9)
+    ax.set_xlabel("analysis (init: before training; eN: end of epoch N, from 0; sN: after step N)")
     ax.set_ylabel("layer (model order)")
     fig.colorbar(image, ax=ax, label=metric)
-    ax.set_title(f"{metric} per layer over training", fontsize=9)
+    title = f"{metric} per layer over training"
+    if metric == "alpha_delta":
+        title += " (blue: heavier tail than random matrices of the same shape)"
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig, ax

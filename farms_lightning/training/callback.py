@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any, Optional, Sequence
 
@@ -14,13 +15,15 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from farms_lightning.engine.analysis import resolve_settings
 from farms_lightning.engine.distributed import analyze_distributed
 from farms_lightning.engine.esd_metrics import METRIC_NAMES
-from farms_lightning.engine.report import FARMSReport
+from farms_lightning.engine.report import FARMSReport, uses_weightwatcher_labels
 from farms_lightning.models.layers import discover_layers, renamed_layers, validate_discovery_args
 from farms_lightning.reporting.history import (
     HISTORY_FORMATS,
+    analysis_label,
     heatmap_metric,
     history_entry,
     history_path,
+    layer_key,
     report_scalars,
     write_history,
 )
@@ -43,10 +46,15 @@ class FARMSCallback(Callback):
     ``on_train_epoch_end`` when no validation ends the epoch. Never in sanity checks. Per-layer
     scalars (``farms/alpha/<layer>``, ...) and the model summary (``farms/alpha_mean``, ...,
     ``farms/time_s``) go through ``pl_module.log`` on every rank, so they reach every logger and
-    ``trainer.callback_metrics``. TensorBoard also gets a custom-scalars layout (one chart per
-    metric with all layers), a histogram of the layer alphas and, with ``log_figures``, ESD,
-    alpha-per-layer and ``alpha_heatmap`` figures (figures also go to MLflow, W&B and Comet).
-    Under DDP the layers are split across ranks and the results gathered (one collective).
+    ``trainer.callback_metrics``. With the random-matrix baseline (the default) each layer logs
+    ``alpha`` and ``alpha_delta`` (alpha minus the alpha of random matrices of its shape; below zero:
+    a heavier tail than chance), and the summary holds ``alpha_delta_mean``, ``alpha_delta_median``
+    and ``num_looks_random``. TensorBoard also gets one run per layer
+    (``<log_dir>/<prefix>_by_layer/<layer>``), so every layer's line has its own colour and name,
+    a custom-scalars layout (per-layer charts, the summary grouped by scale) and, whenever
+    matplotlib is installed, the ``alpha_heatmap`` figure (layers x analyses of ``alpha_delta``).
+    ``log_figures`` adds ESD and alpha-per-layer figures (figures also go to MLflow, W&B and
+    Comet). Under DDP the layers are split across ranks and the results gathered (one collective).
 
     Args:
         preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype, include, exclude,
@@ -57,11 +65,15 @@ class FARMSCallback(Callback):
         every_n_epochs: analyse at the end of every n-th training epoch (``None``/0: never).
         every_n_steps: also analyse after every n-th optimizer step (``None``: never).
         analyze_on_train_start: analyse the initial weights before the first step.
-        log_metrics: per-layer statistics logged as scalars (among ``LOGGABLE_METRICS``), e.g.
-            ``("alpha", "alpha_delta")`` also logs ``farms/alpha_delta/<layer>``.
+        log_metrics: per-layer statistics logged as scalars (among ``LOGGABLE_METRICS``). Default:
+            ``("alpha", "alpha_delta")`` with the random baseline, ``("alpha",)`` without.
         log_summary: log the model summary scalars and ``time_s``.
         log_histogram: log a TensorBoard histogram of the layer alphas.
-        log_figures: log figures (needs matplotlib) to every logger that takes images.
+        log_heatmap: log the ``<prefix>/alpha_heatmap`` figure (``alpha_delta``, else ``alpha``, of
+            every layer over the analyses so far) to every logger that takes images. Default
+            (``None``): whenever matplotlib is installed. It needs only the history.
+        log_figures: also log the ESD and alpha-per-layer figures (needs matplotlib; keeps every
+            layer's eigenvalues and analyses frozen layers again each time).
         print_summary: print the last analysis as a table at the end of fit (rank zero).
         save_history: also write the history as ``"json"`` or ``"csv"`` into the log dir
             (``<prefix>_history.<format>``).
@@ -74,13 +86,15 @@ class FARMSCallback(Callback):
         ValueError: a bad engine option or argument, or a baseline metric in ``log_metrics`` with
             ``random_baseline=False``.
         MisconfigurationException: in ``setup``, a sharded strategy (FSDP, DeepSpeed) whose ranks
-            do not hold full weights, or ``log_figures`` without matplotlib.
+            do not hold full weights, or ``log_figures``/``log_heatmap=True`` without matplotlib.
 
     Example::
 
         >>> from lightning.pytorch import Trainer
-        >>> trainer = Trainer(callbacks=[FARMSCallback(every_n_epochs=1)])
-        >>> # trainer.callback_metrics["farms/alpha_mean"], callback.history[-1]["summary"]
+        >>> farms = FARMSCallback()
+        >>> trainer = Trainer(max_epochs=5, callbacks=[farms])
+        >>> # after trainer.fit(...): trainer.callback_metrics["farms/alpha_delta_mean"],
+        >>> # farms.history[-1]["summary"], farms.last_report.to_table()
     """
 
     def __init__(
@@ -101,9 +115,10 @@ class FARMSCallback(Callback):
         every_n_epochs: Optional[int] = 1,
         every_n_steps: Optional[int] = None,
         analyze_on_train_start: bool = True,
-        log_metrics: Sequence[str] = ("alpha",),
+        log_metrics: Optional[Sequence[str]] = None,
         log_summary: bool = True,
-        log_histogram: bool = True,
+        log_histogram: bool = False,
+        log_heatmap: Optional[bool] = None,
         log_figures: bool = False,
         print_summary: bool = True,
         save_history: Optional[str] = None,
@@ -119,6 +134,10 @@ class FARMSCallback(Callback):
         for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise ValueError(f"`{name}` must be None or an integer >= 0, got {value!r}")
+        if log_metrics is None:
+            log_metrics = ("alpha", "alpha_delta") if random_baseline else ("alpha",)
+        elif isinstance(log_metrics, str):
+            raise ValueError(f"`log_metrics` must be a sequence of metric names, got the string {log_metrics!r}")
         unknown = [m for m in log_metrics if m not in LOGGABLE_METRICS]
         if unknown:
             raise ValueError(f"`log_metrics` entries must be among {LOGGABLE_METRICS}, got {unknown}")
@@ -132,6 +151,7 @@ class FARMSCallback(Callback):
         self.analyze_on_train_start = analyze_on_train_start
         self.log_metrics = tuple(log_metrics)
         self.log_summary, self.log_histogram, self.log_figures = log_summary, log_histogram, log_figures
+        self.log_heatmap = log_heatmap
         self.print_summary, self.save_history, self.prefix = print_summary, save_history, prefix
         #: Every analysis: ``{"stage", "epoch", "step", "time_s", "summary", "layers": [rows]}``.
         self.history: list[dict[str, Any]] = []
@@ -141,6 +161,7 @@ class FARMSCallback(Callback):
         self._trainer: pl.Trainer | None = None
         # Frozen layers whose weights did not change since the last analysis are not analysed again.
         self._frozen_cache: dict[tuple, Any] = {}
+        self._heatmap = bool(log_heatmap)
 
     @property
     def state_key(self) -> str:
@@ -155,13 +176,13 @@ class FARMSCallback(Callback):
                 f"FARMSCallback needs every rank to hold full weights; {strategy} shards them. Use DDP, or "
                 "analyse a saved checkpoint with `farms_lightning.analyze`."
             )
-        if self.log_figures:
-            try:
-                import matplotlib  # noqa: F401
-            except ImportError as error:
+        has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+        for option in ("log_figures", "log_heatmap"):
+            if getattr(self, option) and not has_matplotlib:
                 raise MisconfigurationException(
-                    "FARMSCallback(log_figures=True) needs matplotlib: pip install 'farms_lightning[plot]'"
-                ) from error
+                    f"FARMSCallback({option}=True) needs matplotlib: pip install -e '.[plot]' in the checkout"
+                )
+        self._heatmap = has_matplotlib if self.log_heatmap is None else self.log_heatmap
         if stage == "fit" and not trainer.loggers:
             rank_zero_warn("FARMSCallback: no logger configured; statistics are kept in `callback.history` "
                            "and `trainer.callback_metrics`.")
@@ -196,7 +217,13 @@ class FARMSCallback(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.print_summary and self.last_report is not None:
-            rank_zero_info(f"FARMS analysis (epoch {self.history[-1]['epoch']}):\n{self.last_report.to_table()}")
+            rank_zero_info(f"FARMS analysis ({analysis_label(self.history[-1], long=True)}):\n"
+                           f"{self.last_report.to_table()}")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if dashboard.is_tensorboard(logger) and rank_zero_only.rank == 0:
+                dashboard.close_layer_runs(logger.experiment)
 
     def state_dict(self) -> dict[str, Any]:
         pending = self._pending
@@ -256,8 +283,8 @@ class FARMSCallback(Callback):
         # Lightning logs epoch-end values at the epoch's last step index (global_step - 1).
         logger_step = max(0, step - 1) if stage == "epoch" else step
         if log_now:  # hooks where self.log cannot log now: straight to the loggers and callback_metrics
-            for logger in trainer.loggers:
-                logger.log_metrics(scalars, step=logger_step)
+            for logger in trainer.loggers:  # with the epoch, as Lightning's own logging adds it
+                logger.log_metrics({**scalars, "epoch": epoch}, step=logger_step)
             trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars.items()})
         else:
             for key, value in scalars.items():
@@ -273,19 +300,27 @@ class FARMSCallback(Callback):
     def _scalars(self, report: FARMSReport, elapsed: float) -> dict[str, float]:
         return report_scalars(report, self.prefix, self.log_metrics, self.log_summary, elapsed)
 
-    def _layout_per_layer(self, report: FARMSReport) -> dict[str, list[str]]:
-        """Per-layer metric -> the layers charted together in the TensorBoard layout: every layer fitted
-        in some analysis so far, in model order (a layer never fitted has no scalar to chart)."""
-        fitted = {row["name"] for entry in self.history for row in entry["layers"] if row["status"] == "ok"}
-        names = [s.name for s in report.layers if s.name in fitted]
-        return {metric: names for metric in self.log_metrics}
+    def _by_layer_values(self, report: FARMSReport) -> dict[str, dict[str, float]]:
+        """Per-layer metric -> layer -> value, for the per-layer runs (subclasses add their own)."""
+        return {metric: {layer_key(s.name): float(getattr(s, metric)) for s in report.layers
+                         if s.status == "ok" and getattr(s, metric) is not None} for metric in self.log_metrics}
+
+    def _extra_charts(self) -> dict[str, list[str]]:
+        """Further custom-scalars charts (title -> tags) of a subclass."""
+        return {}
+
+    def _charted_metrics(self) -> list[str]:
+        """Per-layer metrics with a chart: those logged and fitted in some analysis so far."""
+        rows = [row for entry in self.history for row in entry["layers"] if row["status"] == "ok"]
+        return [m for m in self.log_metrics if any(row.get(m) is not None for row in rows)]
 
     def _warn_bad_layers(self, report: FARMSReport) -> None:
         for stats in report.layers:
             key = (stats.name, stats.reason)
             if stats.status != "ok" and key not in self._warned:
                 self._warned.add(key)
-                rank_zero_warn(f"FARMSCallback: layer {stats.name!r} {stats.status}: {stats.reason}")
+                verdict = "not judged" if stats.status == "too_small" else stats.status
+                rank_zero_warn(f"FARMSCallback: layer {stats.name!r} {verdict}: {stats.reason}")
 
     @rank_zero_only
     def _log_rank_zero(self, trainer: pl.Trainer, report: FARMSReport, step: int, folder: str | None) -> None:
@@ -295,18 +330,26 @@ class FARMSCallback(Callback):
         # Only logged values are charted: NaN ("not assessed") summary values are never logged.
         summary_keys = [k for k, v in report.summary.items() if not (isinstance(v, float) and math.isnan(v))] \
             if self.log_summary else []
-        charts = dashboard.layout_charts(self.prefix, self._layout_per_layer(report), summary_keys, self.log_summary)
+        by_layer = self._by_layer_values(report)
+        charted = dict.fromkeys([*self._charted_metrics(), *(m for m, values in by_layer.items() if values)])
+        charts = {**dashboard.layout_charts(self.prefix, charted, summary_keys, self.log_summary),
+                  **self._extra_charts()}
         for logger in trainer.loggers:
             if not dashboard.is_tensorboard(logger):
                 continue
             writer = logger.experiment  # type: ignore[attr-defined]  # a TensorBoardLogger's SummaryWriter
             dashboard.add_layout(writer, self.prefix, charts)
+            dashboard.write_layer_runs(writer, self.prefix, by_layer, step)
             if self.log_histogram and alphas:
                 writer.add_histogram(f"{self.prefix}/alpha_histogram", torch.tensor(list(alphas.values())), step)
-        if self.log_figures and alphas and any(dashboard.takes_images(lg) for lg in trainer.loggers):
-            from farms_lightning.reporting.plotting import plot_alphas, plot_esds, plot_history
+        if not any(dashboard.takes_images(lg) for lg in trainer.loggers):
+            return
+        from farms_lightning.reporting.plotting import plot_alphas, plot_esds, plot_history
 
+        if self.log_figures and alphas:
             dashboard.log_figure(trainer.loggers, f"{self.prefix}/esd", plot_esds(report), step)
-            dashboard.log_figure(trainer.loggers, f"{self.prefix}/alpha_per_layer", plot_alphas(alphas)[0], step)
+            figure = plot_alphas(report, weightwatcher_band=uses_weightwatcher_labels(self.settings))[0]
+            dashboard.log_figure(trainer.loggers, f"{self.prefix}/alpha_per_layer", figure, step)
+        if (self._heatmap or self.log_figures) and any(h["layers"] for h in self.history):
             heatmap = plot_history(self.history, heatmap_metric(self.history))[0]
             dashboard.log_figure(trainer.loggers, f"{self.prefix}/alpha_heatmap", heatmap, step)

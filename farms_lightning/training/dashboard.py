@@ -1,8 +1,11 @@
 """What the Lightning loggers show besides scalars: TensorBoard's custom-scalars layout and figures.
 
-* **Layout**: one "Custom Scalars" category per callback ``prefix``, with one multi-line chart per
-  logged per-layer metric (every layer, model order) and charts of the summary values. Layouts are
-  merged per ``SummaryWriter``, so callbacks with different prefixes on one logger all show.
+* **Per-layer runs**: every logged per-layer metric is also written to one run per layer
+  (``<log_dir>/<prefix>_by_layer/<layer>``), so TensorBoard draws one line per layer, in its own
+  colour and with the layer's name; the ``<prefix>/<metric>/<layer>`` scalars stay in the main run.
+* **Layout**: one "Custom Scalars" category per callback ``prefix``: a chart per logged per-layer
+  metric over the per-layer runs, and the summary values grouped by scale. Layouts are merged per
+  ``SummaryWriter``, so callbacks with different prefixes on one logger all show.
 * **Figures** go to every logger that takes images: TensorBoard (``add_figure``), MLflow
   (``log_figure`` as ``<tag>/step_<step>.png`` artifacts), Weights & Biases (``log_image``) and
   Comet (``log_figure``). Other loggers get the scalars only.
@@ -10,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import weakref
 from typing import Any, Iterable, Mapping, Sequence
@@ -18,24 +22,78 @@ from farms_lightning.reporting.history import COUNT_KEYS, layer_key
 
 #: Per writer, the merged layout: category -> chart title -> tags (exact names, model order).
 _LAYOUTS: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[str]]]]" = weakref.WeakKeyDictionary()
+#: Per writer, its per-layer runs: layer name -> the FileWriter of ``<log_dir>/<prefix>_by_layer/<layer>``.
+_LAYER_RUNS: "weakref.WeakKeyDictionary[Any, dict[tuple[str, str], Any]]" = weakref.WeakKeyDictionary()
+#: Summary values charted together because they share a scale (the rest get a chart each).
+SUMMARY_GROUPS = {
+    "alpha_delta (summary)": ("alpha_delta_mean", "alpha_delta_median"),
+    "alpha (summary)": ("alpha_mean", "alpha_median", "alpha_random_mean"),
+}
 
 
-def layout_charts(prefix: str, per_layer: Mapping[str, Sequence[str]], summary_keys: Iterable[str],
+def by_layer_tag(prefix: str, metric: str) -> str:
+    """The tag of a per-layer metric in the per-layer runs: ``<prefix>_by_layer/<metric>``."""
+    return f"{prefix}_by_layer/{metric}"
+
+
+def layout_charts(prefix: str, metrics: Iterable[str], summary_keys: Iterable[str],
                   with_time: bool = True) -> dict[str, list[str]]:
-    """Chart title -> tags: ``per_layer`` maps a metric to its layer names (model order); the summary
-    keys are split into the alpha-scale values and the layer counts."""
-    charts = {f"{metric} (all layers)": [f"{prefix}/{metric}/{layer_key(n)}" for n in names]
-              for metric, names in per_layer.items() if names}
-    keys = list(summary_keys)
-    values = [k for k in keys if k not in COUNT_KEYS]
-    counts = [k for k in keys if k in COUNT_KEYS]
-    if values:
-        charts["summary"] = [f"{prefix}/{k}" for k in values]
+    """Chart title -> tags. Each per-layer metric charts its per-layer runs (one line, colour and name
+    per layer); the summary values are grouped by scale (:data:`SUMMARY_GROUPS`, then one chart each),
+    the layer counts together."""
+    charts = {f"{metric} by layer": [by_layer_tag(prefix, metric)] for metric in metrics}
+    keys = [k for k in summary_keys if k not in COUNT_KEYS]
+    for title, group in SUMMARY_GROUPS.items():
+        members = [f"{prefix}/{k}" for k in group if k in keys]
+        if members:
+            charts[title] = members
+    grouped = {k for group in SUMMARY_GROUPS.values() for k in group}
+    for key in keys:
+        if key not in grouped:
+            charts[key] = [f"{prefix}/{key}"]
+    counts = [f"{prefix}/{k}" for k in COUNT_KEYS if k in set(summary_keys)]
     if counts:
-        charts["layer counts"] = [f"{prefix}/{k}" for k in counts]
+        charts["layer counts"] = counts
     if with_time:
         charts["analysis time (s)"] = [f"{prefix}/time_s"]
     return charts
+
+
+def write_layer_runs(writer: Any, prefix: str, values: Mapping[str, Mapping[str, float]], step: int) -> None:
+    """Write ``values`` (metric -> layer -> value) as one TensorBoard run per layer.
+
+    TensorBoard colours and names lines by run, so per-layer lines that live in one run are told
+    apart only by hovering; as ``SummaryWriter.add_scalars`` does, each layer gets a run of its own,
+    ``<log_dir>/<prefix>_by_layer/<layer>``, holding ``<prefix>_by_layer/<metric>``. The writers stay
+    open until :func:`close_layer_runs`.
+    """
+    from torch.utils.tensorboard.summary import scalar
+    from torch.utils.tensorboard.writer import FileWriter
+
+    runs = _LAYER_RUNS.setdefault(writer, {})
+    touched = []
+    for metric, by_layer in values.items():
+        for layer, value in by_layer.items():
+            key = (prefix, layer)
+            if key not in runs:
+                folder = os.path.join(writer.log_dir, f"{prefix.replace('/', '_')}_by_layer", _folder_name(layer))
+                runs[key] = FileWriter(folder, max_queue=100, flush_secs=60)
+            runs[key].add_summary(scalar(by_layer_tag(prefix, metric), value), step)
+            touched.append(runs[key])
+    for run in dict.fromkeys(touched):  # readable at once, as the main run's scalars are
+        run.flush()
+
+
+def close_layer_runs(writer: Any) -> None:
+    """Flush and close ``writer``'s per-layer runs (their writer threads end)."""
+    for run in _LAYER_RUNS.pop(writer, {}).values():
+        run.close()
+
+
+def _folder_name(layer: str) -> str:
+    """A layer name as one folder name: no separators, never ``.``/``..`` or hidden."""
+    name = re.sub(r"[\\/\x00]", "_", layer) or "(model)"
+    return "_" + name if name.startswith(".") else name
 
 
 def add_layout(writer: Any, category: str, charts: dict[str, list[str]]) -> bool:

@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from farms_lightning.engine.report import FARMSReport
 from farms_lightning.models.layers import renamed_layers
+from farms_lightning.reporting.history import layer_key
 from farms_lightning.policies.lr_scaling import ParamGroupLRScaler
 from farms_lightning.policies.tempbalance import layer_parameters, parameter_factors, validate_mapping_args
 from farms_lightning.training.callback import FARMSCallback
@@ -104,6 +105,7 @@ class FARMSLRBalancer(FARMSCallback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._scaler.detach()
+        super().teardown(trainer, pl_module, stage)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "lr_factors": dict(self.lr_factors)}
@@ -154,9 +156,13 @@ class FARMSLRBalancer(FARMSCallback):
         scalars.update({f"{self.prefix}/lr_factor/{name}": f for name, f in self.lr_factors.items()})
         return scalars
 
-    def _layout_per_layer(self, report: FARMSReport) -> dict[str, list[str]]:
-        tuned = list(self.lr_factors)
-        return {**super()._layout_per_layer(report), "lr_factor": tuned, **({"lr": tuned} if self.log_lr else {})}
+    def _by_layer_values(self, report: FARMSReport) -> dict[str, dict[str, float]]:
+        return {**super()._by_layer_values(report), "lr_factor": {layer_key(n): f for n, f in self.lr_factors.items()}}
+
+    def _extra_charts(self) -> dict[str, list[str]]:
+        # The per-step LRs live in the main run only (a run per layer and step would cost a write each).
+        tuned = [f"{self.prefix}/lr/{layer_key(name)}" for name in self.lr_factors]
+        return {"lr (tuned layers, per step)": tuned} if self.log_lr and tuned else {}
 
     def _warn_mixed_group(self, optimizer: int, group: int) -> None:
         self._warn_once(f"group {optimizer}/{group}",

@@ -18,7 +18,7 @@ from farms_lightning.models.layers import discover_layers, validate_discovery_ar
 #: Columns of the per-layer metric state.
 _COLUMNS = ("alpha", "alpha_weighted", "status", "alpha_random", "alpha_random_spread")
 #: Per-layer status codes of the metric state; 0 marks a row this process did not fill.
-STATUS_CODES = ("not analysed here", "ok", "skipped", "failed")
+STATUS_CODES = ("not analysed here", "ok", "skipped", "failed", "too_small")
 
 
 def _metric_dict(layers: Sequence[LayerStats], settings: dict[str, Any]) -> dict[str, torch.Tensor]:
