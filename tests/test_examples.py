@@ -1,4 +1,5 @@
-"""The examples a newcomer runs first: each script answers --help without running, logs stay out of git."""
+"""The examples a newcomer runs first and the benchmarks: each script answers --help without running, the
+benchmarks' helper modules do nothing when run, logs stay out of git."""
 
 import os
 import shutil
@@ -9,7 +10,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted(p for p in (ROOT / "examples").glob("*.py") if not p.name.startswith("_"))
+#: Modules of benchmarks/ that the benchmark scripts import; they are not scripts themselves.
+BENCH_MODULES = ("bench_common.py", "bench_models.py", "bench_published.py", "bench_rows.py")
+SCRIPTS = sorted(p for folder in ("examples", "benchmarks") for p in (ROOT / folder).glob("*.py")
+                 if not p.name.startswith("_") and p.name not in BENCH_MODULES)
+HELPERS = sorted([*(ROOT / "examples").glob("_*.py"), *(ROOT / "benchmarks" / name for name in BENCH_MODULES)])
 
 
 def test_helper_modules_are_marked():
@@ -19,18 +24,41 @@ def test_helper_modules_are_marked():
         assert is_script != path.name.startswith("_"), path.name
 
 
-@pytest.mark.slow
-def test_every_example_answers_help_without_running():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
         "PYTHONPATH", "")])}
+
+
+def test_benchmark_modules_are_not_scripts():
+    """The benchmark's imported modules have no ``__main__`` block; the scripts all have one."""
+    for path in (ROOT / "benchmarks").glob("*.py"):
+        is_script = 'if __name__ == "__main__":' in path.read_text()
+        assert is_script == (path.name not in BENCH_MODULES), path.name
+
+
+@pytest.mark.slow
+def test_every_script_answers_help_without_running():
     running = {p.name: subprocess.Popen([sys.executable, str(p), "--help"], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for p in SCRIPTS}
-    assert len(running) >= 4
+                                        stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT) for p in SCRIPTS}
+    assert {"small_eigenvalues.py", "llm_stream_memory.py", "bench_farms.py", "tune_optuna.py"} <= set(running)
     for name, process in running.items():
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, (name, err)
-        assert out.startswith("usage: "), (name, out)
+        assert out.startswith(f"usage: {name}"), (name, out)
         assert "|" not in out and "alpha_mean per analysis" not in out, (name, out)  # no results: nothing ran
+        assert "preset:" not in out and "windows solved" not in out, (name, out)  # the benchmarks' result lines
+
+
+@pytest.mark.slow
+def test_helper_modules_do_nothing_when_run():
+    """Run as a script, an imported module defines its names and exits, printing nothing."""
+    assert len(HELPERS) == 5
+    running = {p.name: subprocess.Popen([sys.executable, str(p)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=_env(), cwd=p.parent) for p in HELPERS}
+    for name, process in running.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, (name, err)
+        assert out == "", (name, out)
 
 
 def test_gitignore_covers_the_example_logs():
