@@ -1,5 +1,7 @@
 """Train a small CNN on scikit-learn's digits with FARMSCallback and a TensorBoardLogger.
 
+Needs: pip install -e ".[digits]"   (from the checkout: scikit-learn, and matplotlib for the heatmap)
+
 Run: python examples/monitor_digits.py [--epochs 10] [--logdir farms_logs] [--heatmap docs/alpha_heatmap.png]
 Then: tensorboard --logdir farms_logs   ("Custom Scalars": one chart per metric with every layer;
 "Scalars": farms/alpha/<layer>, farms/alpha_mean, ...; "Histograms"; "Images": farms/alpha_heatmap, ESDs)

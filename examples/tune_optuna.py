@@ -8,6 +8,7 @@ random-matrix baseline), and Optuna's ``ThresholdPruner`` stops a trial once, fr
 epoch on, that drop is below ``--min-drop``: its weight spectra still look like random matrices.
 No validation data is needed for this signal.
 
+Needs: pip install -e ".[tune]"   (from the checkout)
 Run: python examples/tune_optuna.py [--trials 8] [--epochs 4] [--min-drop 0.002] [--seed 0]
 Prints one row per trial: parameters, state, epochs run, mean-alpha drop per epoch, val accuracy.
 """

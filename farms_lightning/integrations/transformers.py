@@ -1,6 +1,6 @@
 """``FARMSTrainerCallback``: FARMS statistics (and optional TempBalance) for Hugging Face ``Trainer``.
 
-Needs ``transformers`` (``pip install 'farms_lightning[transformers]'``); importing this module
+Needs ``transformers`` and ``accelerate`` (from the checkout: ``pip install -e ".[transformers]"``); importing this module
 imports it, nothing else in farms_lightning does.
 """
 
