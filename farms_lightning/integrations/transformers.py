@@ -1,7 +1,7 @@
 """``FARMSTrainerCallback``: FARMS statistics (and optional TempBalance) for Hugging Face ``Trainer``.
 
-Needs ``transformers`` and ``accelerate`` (from the checkout: ``pip install -e ".[transformers]"``); importing this module
-imports it, nothing else in farms_lightning does.
+Needs ``transformers`` and ``accelerate`` (from the checkout: ``pip install -e ".[transformers]"``);
+importing this module imports them, nothing else in farms_lightning does.
 """
 
 from __future__ import annotations
