@@ -12,15 +12,22 @@ difference is the ``llm`` preset's own working set.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_llm import generate_checkpoint, peak_memory  # noqa: E402
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser.parse_args()
 
 
 def main() -> None:
+    parse_args()  # no options: --help prints this docstring (before the heavy imports) instead of running
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_llm import generate_checkpoint, peak_memory
+
     with tempfile.TemporaryDirectory(prefix="farms-llm-memory-") as tmp:
         folder = Path(tmp) / "one-matrix"
         folder.mkdir()

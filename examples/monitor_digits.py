@@ -1,8 +1,13 @@
 """Train a small CNN on scikit-learn's digits with FARMSCallback and a TensorBoardLogger.
 
+Needs: pip install -e ".[digits]"   (from the checkout: scikit-learn, and matplotlib for the heatmap)
+
 Run: python examples/monitor_digits.py [--epochs 10] [--logdir farms_logs] [--heatmap docs/alpha_heatmap.png]
 Then: tensorboard --logdir farms_logs   ("Custom Scalars": one chart per metric with every layer;
 "Scalars": farms/alpha/<layer>, farms/alpha_mean, ...; "Histograms"; "Images": farms/alpha_heatmap, ESDs)
+The run also writes its history (``save_history="json"``) beside the TensorBoard events and prints
+where, e.g. farms_logs/digits/version_0/farms_history.json; draw its heatmap again without training:
+      farms-lightning plot farms_logs/digits/version_0/farms_history.json -o heatmap.png
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ def main() -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from farms_lightning import FARMSCallback
+    from farms_lightning.reporting.history import history_path
 
     pl.seed_everything(0, verbose=False)
     try:
@@ -34,7 +40,7 @@ def main() -> None:
     except ImportError:
         figures = False
     farms = FARMSCallback(log_metrics=["alpha", "alpha_weighted", "stable_rank"], log_figures=figures,
-                          save_history="csv")
+                          save_history="json")  # what `farms-lightning plot` reads
     logger = TensorBoardLogger(args.logdir, name="digits")
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[farms], logger=logger, enable_progress_bar=False,
                          enable_model_summary=False, log_every_n_steps=5, accelerator="cpu")
@@ -45,6 +51,8 @@ def main() -> None:
     print(f"\ntest accuracy {result['test_acc']:.3f}")
     print("alpha_mean per analysis:", ", ".join(f"{h['summary']['alpha_mean']:.3f}" for h in farms.history))
     print(f"TensorBoard logs: {os.path.abspath(logger.log_dir)}  (tensorboard --logdir {args.logdir})")
+    history_file = history_path(trainer.log_dir, farms.prefix, "json")
+    print(f"history: {history_file}  (farms-lightning plot {history_file} -o heatmap.png)")
     if args.heatmap:
         from farms_lightning.reporting.history import heatmap_metric
         from farms_lightning.reporting.plotting import plot_history

