@@ -8,8 +8,9 @@ The collector reads the fenced blocks with a small regex, no Markdown library:
   ``PYTHONPATH``, under a timeout;
 - ```text blocks (output, tables, formulas) are not run;
 - a block whose first line is ``# not run by the tests: <reason>`` is skipped with that reason;
-- a python block whose first line is ``# continued from the block above`` runs after the python
-  block before it in the same file (and, in turn, whatever that one continued), in one process;
+- a python block whose first line is ``# setup for the blocks below`` runs as it is, and a python
+  block whose first line is ``# continued from the setup block above`` runs after the latest such
+  setup block of the same file, in one process (so a page can define its model once, visibly);
 - any other language, or a fence without one, fails the collection test: every block must be
   runnable, marked, or text.
 
@@ -33,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 SKIP_MARK = "# not run by the tests:"
-CONTINUED_MARK = "# continued from the block above"
+SETUP_MARK = "# setup for the blocks below"
+CONTINUED_MARK = "# continued from the setup block above"
 RUNNERS = {"python", "bash"}
 NOT_RUN = {"text"}
 SLOW_SIGNS = ("fit(", ".train()", "examples/", "benchmarks/", "farms-lightning")
@@ -62,15 +64,16 @@ def collect_blocks() -> list[Block]:
     blocks = []
     for path in DOC_FILES:
         text = path.read_text(encoding="utf-8")
-        previous_python = ""
+        setup = ""
         for match in FENCE.finditer(text):
             line = text.count("\n", 0, match.start()) + 1
             body = textwrap.dedent(match.group("body"))
             block = Block(path, line, match.group("lang").strip(), body)
             if block.lang == "python":
-                if block.first_line.startswith(CONTINUED_MARK):
-                    block.setup = previous_python
-                previous_python = block.setup + "\n" + block.code
+                if block.first_line.startswith(SETUP_MARK):
+                    setup = block.code
+                elif block.first_line.startswith(CONTINUED_MARK):
+                    block.setup = setup
             blocks.append(block)
     return blocks
 
@@ -86,7 +89,7 @@ def test_every_block_is_runnable_marked_or_text() -> None:
         elif block.first_line.startswith(SKIP_MARK) and not block.first_line[len(SKIP_MARK):].strip():
             bad.append(f"{block.id}: the skip marker gives no reason")
         elif block.first_line.startswith(CONTINUED_MARK) and not block.setup.strip():
-            bad.append(f"{block.id}: continues no python block")
+            bad.append(f"{block.id}: no setup block above it")
     assert not bad, "\n".join(bad)
 
 
