@@ -31,7 +31,7 @@ def digits_loaders(batch_size: int = 64, seed: int = 0) -> tuple[DataLoader, Dat
 class DigitsCNN(pl.LightningModule):
     """Four convolutions and two linear layers (six analysable layers), SGD with a cosine schedule.
 
-    The first convolution (1 input channel) gives only 9 eigenvalues per FARMS block and is skipped,
+    The first convolution (1 input channel: 32x1 kernel-position matrices) is skipped as degenerate,
     so five layers are fitted and three tuned by TempBalance (first and last left out).
     """
 

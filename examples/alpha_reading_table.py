@@ -134,7 +134,7 @@ def main() -> None:
     for i, entry in enumerate(farms.history):
         layers = [r for r in entry["layers"] if r["alpha_delta"] is not None]
         epochs.append({
-            "epoch": "init" if entry["stage"] == "train_start" else str(entry["epoch"] + 1),
+            "epoch": "init" if entry["stage"] == "train_start" else str(entry["epoch"]),
             "val acc": "-" if i == 0 else f"{accuracy[i - 1]:.3f}",
             "alpha mean": f"{entry['summary']['alpha_mean']:.3f}",
             "alpha_delta mean": f"{statistics.fmean(r['alpha_delta'] for r in layers):.3f}",
