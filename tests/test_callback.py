@@ -1,3 +1,4 @@
+import csv
 import json
 import math
 import os
@@ -179,3 +180,20 @@ def test_alpha_delta_is_logged_when_asked(tmp_path):
     t, _ = _fit(tmp_path / "plain", [plain], epochs=1)
     assert not any("alpha_delta" in k or "alpha_random" in k or "trained" in k for k in t.callback_metrics)
     assert plain.history[-1]["layers"][-1]["alpha_random"] is None
+
+
+def test_the_analysis_before_training_has_an_epoch_in_metrics_csv(tmp_path):
+    """A CSVLogger row of the analysis before training names its epoch (0), like every other row."""
+    pl.seed_everything(0, verbose=False)
+    logger = CSVLogger(tmp_path, name="csv")
+    t = pl.Trainer(max_epochs=1, logger=logger, callbacks=[FARMSCallback()], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         num_sanity_val_steps=0)
+    t.fit(TinyNet(), *loaders())
+    with open(logger.log_dir + "/metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    farms_rows = [row for row in rows if row.get("farms/alpha_mean")]
+    assert len(farms_rows) == 2  # before training and at the end of epoch 0
+    (initial,) = [row for row in farms_rows if row["step"] == "0"]
+    assert initial["epoch"] != "", initial
+    assert float(initial["epoch"]) == 0

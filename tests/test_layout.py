@@ -149,9 +149,10 @@ def test_the_wheel_packages_every_wing(tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=False)
     python = env_dir / "bin" / "python"
+    # --ignore-installed: the editable install of this checkout (same version) must not count as installed.
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-                              "--no-index", str(wheel)], capture_output=True, text=True)
-    assert install.returncode == 0, install.stdout + install.stderr
+                              "--no-index", "--ignore-installed", str(wheel)], capture_output=True, text=True)
+    assert install.returncode == 0 and "Successfully installed" in install.stdout, install.stdout + install.stderr
     wings = ", ".join(f"farms_lightning.{wing}" for wing in WINGS)
     code = (f"import sys, farms_lightning, farms_lightning.functional, {wings}\n"
             "import farms_lightning.cli.commands, farms_lightning.training.callback\n"

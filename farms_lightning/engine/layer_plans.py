@@ -82,8 +82,8 @@ def plan_layer(
     side = min(windows.grid.rows, windows.grid.cols)
     if side < MIN_WINDOW_SIDE:
         return LayerStats(layer.name, layer.module_type, layer.shape, TOO_SMALL,
-                          f"{windows.grid.rows}x{windows.grid.cols} windows (fewer than {MIN_WINDOW_SIDE} "
-                          "eigenvalues each): too small to judge, random matrices of this shape spread too widely",
+                          f"{windows.grid.rows}x{windows.grid.cols} windows, fewer than {MIN_WINDOW_SIDE} "
+                          "eigenvalues each: too few to tell from a random matrix",
                           num_params=layer.num_params)
     return windows
 

@@ -116,8 +116,10 @@ def plot_history(history_or_path: Union[History, str, os.PathLike], metric: str 
     plt = _pyplot()
     layers, columns, values = history_matrix(load_history(history_or_path), metric)
     data = np.ma.masked_invalid(np.array(values, dtype=float))
-    if ax is None:  # large enough to read at TensorBoard's card size (fonts of 9 points at 100 dpi)
-        fig, ax = plt.subplots(figsize=(min(16.0, 4.0 + 0.5 * len(columns)), min(16.0, 2.0 + 0.32 * len(layers))))
+    if ax is None:  # near TensorBoard's card shape (about 4:3), so that the labels stay readable there
+        label_width = 0.09 * max(len(name) for name in layers)
+        fig, ax = plt.subplots(figsize=(min(16.0, 2.5 + label_width + 0.4 * len(columns)),
+                                        min(16.0, max(3.5, 1.8 + 0.3 * len(layers)))))
     else:
         fig = ax.figure
     if metric.endswith("_delta"):  # signed: blue below zero (heavier tail than random), red above
@@ -131,12 +133,13 @@ def plot_history(history_or_path: Union[History, str, os.PathLike], metric: str 
     ax.set_xticks(range(0, len(columns), step), columns[::step], rotation=90 if len(columns) > 12 else 0,
                   fontsize=9)
     ax.set_yticks(range(len(layers)), layers, fontsize=9)
-    ax.set_xlabel("analysis (init: before training; eN: end of epoch N, from 0; sN: after step N)")
-    ax.set_ylabel("layer (model order)")
+    steps = any(label.startswith("s") for label in columns)
+    ax.set_xlabel("init: before training, eN: end of epoch N (from 0)" + (", sN: step N" if steps else ""),
+                  fontsize=9)
+    ax.set_ylabel("layer (model order; grey: no value)", fontsize=9)
     fig.colorbar(image, ax=ax, label=metric)
-    title = f"{metric} per layer over training"
-    if metric == "alpha_delta":
-        title += " (blue: heavier tail than random matrices of the same shape)"
-    ax.set_title(title, fontsize=10)
+    # alpha_delta: blue is a heavier tail than random matrices of the layer's shape (learned structure).
+    ax.set_title(f"{metric} per layer" + (" (blue: heavier tail than random)" if metric == "alpha_delta" else ""),
+                 fontsize=10)
     fig.tight_layout()
     return fig, ax
