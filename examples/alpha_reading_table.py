@@ -7,7 +7,8 @@ the cv preset's windows, full) and fit (median, ks, peak), prints the median and
 fitted layers of alpha, of the random-matrix baseline alpha_random and of alpha_delta = alpha −
 alpha_random, how many layers are below their baseline by more than 1.5 spreads of the random draws
 (report.looks_random is False: learned structure), and
-the library's summary counts (num_under_trained, num_over_trained; "nan" = not assessed). Then the
+the library's summary counts (num_looks_random, num_too_small, and WeightWatcher's num_under_trained /
+num_over_trained, given only for full-ESD ks fits; "nan" = not assessed). Then the
 default analysis (FARMS, median) after every training epoch of the digits CNN.
 
 Run: python examples/alpha_reading_table.py [--epochs 10] [--seed 0]   (a few minutes on 2 CPU cores)
@@ -100,8 +101,10 @@ def row(model_name: str, model: nn.Module, esd: str, fit: str) -> dict[str, Any]
         "alpha_random": spread([s.alpha_random for s in with_baseline]),  # type: ignore[misc]
         "alpha_delta": spread([s.alpha_delta for s in with_baseline]),  # type: ignore[misc]
         "below baseline": f"{below}/{len(with_baseline)}",
-        "under / over (summary)": f"{count(report.summary['num_under_trained'])} / "
-                                  f"{count(report.summary['num_over_trained'])}",
+        "looks random (summary)": count(report.summary["num_looks_random"]),
+        "too small": count(report.summary["num_too_small"]),
+        "under / over (WeightWatcher)": f"{count(report.summary['num_under_trained'])} / "
+                                        f"{count(report.summary['num_over_trained'])}",
         "alpha < 2 / > 6": f"{sum(s.alpha < 2 for s in fitted)} / {sum(s.alpha > 6 for s in fitted)}",  # type: ignore[operator]
     }
 
@@ -125,8 +128,9 @@ def main() -> None:
               (f"digits CNN, trained {args.epochs} epochs", trained)]
     rows = [row(name, model, esd, fit) for esd, fit in SETTINGS for name, model in models]
     print("alpha, alpha_random, alpha_delta: median [min, max] over the fitted layers; 'below baseline': layers with "
-          "alpha_delta < -1.5 * alpha_random_spread; 'under / over (summary)': report.summary's num_under_trained / "
-          "num_over_trained; 'alpha < 2 / > 6': WeightWatcher's thresholds applied regardless of settings\n")
+          "alpha_delta < -1.5 * alpha_random_spread; 'looks random', 'too small': report.summary's num_looks_random, "
+          "num_too_small; 'under / over (WeightWatcher)': num_under_trained / num_over_trained (full ESD + ks only); "
+          "'alpha < 2 / > 6': WeightWatcher's thresholds applied regardless of settings\n")
     print(markdown(rows))
 
     print(f"\nDigits CNN, default analysis (FARMS, median) before training and after every epoch (seed {args.seed}):\n")
