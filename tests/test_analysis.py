@@ -16,7 +16,8 @@ ROW_KEYS = {
     "num_params", "alpha_random", "alpha_random_spread", "alpha_delta",
 }
 SUMMARY_KEYS = {
-    "alpha_mean", "alpha_median", "alpha_weighted_mean", "alpha_random_mean", "num_layers", "num_fitted", "num_skipped", "num_failed",
+    "alpha_mean", "alpha_median", "alpha_weighted_mean", "alpha_random_mean", "alpha_delta_mean", "alpha_delta_median",
+    "num_layers", "num_fitted", "num_looks_random", "num_too_small", "num_skipped", "num_failed",
     "num_under_trained", "num_over_trained",
 }
 
@@ -66,7 +67,8 @@ def reference_layer(w: torch.Tensor, esd: str, fit: str, m=100, q=1.0, k=9) -> d
 @pytest.mark.parametrize("fit", ["median", "ks", "peak"])
 def test_analyze_matches_the_reference_per_layer(esd, fit):
     model = small_cnn()
-    report = analyze(model, fit=fit, esd=esd, dtype=torch.float64)
+    # Every window judged (its 3x3 conv blocks and 10-row head are below the default min_window_side).
+    report = analyze(model, fit=fit, esd=esd, dtype=torch.float64, min_window_side=2)
     weights = [m.weight for m in model if hasattr(m, "weight")]
     assert len(report) == len(weights) == 6
     for stats, w in zip(report.values(), weights):
@@ -76,7 +78,7 @@ def test_analyze_matches_the_reference_per_layer(esd, fit):
         if expected["ok"]:
             for key in ("alpha", "lambda_max", "norm", "stable_rank", "alpha_weighted", "log_alpha_norm", "entropy"):
                 assert getattr(stats, key) == pytest.approx(expected[key], rel=1e-9), key
-    default = analyze(model, fit=fit, esd=esd)
+    default = analyze(model, fit=fit, esd=esd, min_window_side=2)
     for a, b in zip(default.values(), report.values()):
         if b.alpha is not None:
             assert a.alpha == pytest.approx(b.alpha, rel=1e-6)
@@ -84,7 +86,7 @@ def test_analyze_matches_the_reference_per_layer(esd, fit):
 
 def test_rows_summary_and_table():
     model = small_cnn()
-    report = analyze(model, exclude="5")
+    report = analyze(model, exclude="5", min_window_side=2)
     rows = report.to_rows()
     assert [r["name"] for r in rows] == ["0", "2", "4", "7", "9"]  # "5" excluded: not in the rows
     assert all(set(r) == ROW_KEYS for r in rows)
@@ -159,7 +161,7 @@ def test_analysis_leaves_the_model_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.requires_grad for p in model.parameters()]
     rng_state = torch.get_rng_state()
-    report = analyze(model, fit="peak")
+    report = analyze(model, fit="peak", min_window_side=2)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert [p.requires_grad for p in model.parameters()] == grads
     assert torch.equal(torch.get_rng_state(), rng_state)
@@ -204,7 +206,7 @@ def test_frozen_unchanged_layers_are_reused_not_reanalysed(monkeypatch):
     fitted = []
     original = analysis._fit_layer
     monkeypatch.setattr(analysis, "_fit_layer", lambda layer, *a: fitted.append(layer.name) or original(layer, *a))
-    settings = analysis.resolve_settings()
+    settings = analysis.resolve_settings(min_window_side=2)
     cache: dict = {}
     first, _ = analysis.analyze_layers(discover_layers(model), settings, frozen_cache=cache)
     assert sorted(fitted) == ["0", "2", "4", "5", "7", "9"]
@@ -233,3 +235,46 @@ def test_frozen_cache_sees_data_updates_and_keeps_tied_layers_apart():
     model[0].weight.data.mul_(0.5).add_(torch.randn(128, 128) ** 3)  # an EMA-style update: no version bump
     third, _ = analysis.analyze_layers(discover_layers(model), settings, frozen_cache=cache)
     assert third[0].alpha == analyze(model)["0"].alpha != first[0].alpha
+
+
+@pytest.mark.parametrize("fit", ["median", "ks", "peak"])
+@pytest.mark.parametrize("random_baseline", [True, False])
+def test_layers_too_small_to_judge_follow_the_window_rule(fit, random_baseline):
+    """Windows under 16 rows or columns give no alpha, for every fit, with or without the baseline, in
+    FARMS and full ESDs; they are in no summary value; min_window_side moves the line."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(768, 2), nn.Linear(768, 15), nn.Linear(768, 16), nn.Linear(200, 200))
+    report = analyze(model, fit=fit, random_baseline=random_baseline)
+    assert [s.status for s in report.layers] == ["too_small", "too_small", "ok", "ok"]
+    assert report["0"].reason.startswith("2x2 windows, fewer than 16 eigenvalues")
+    assert report["0"].alpha is None and report["0"].alpha_delta is None and report["0"].num_evals == 0
+    fitted = [report["2"], report["3"]]
+    assert report.summary["num_too_small"] == 2 and report.summary["num_fitted"] == 2
+    assert report.summary["alpha_mean"] == pytest.approx(statistics.fmean(s.alpha for s in fitted), rel=1e-12)
+    if random_baseline:
+        assert report.summary["alpha_delta_mean"] == pytest.approx(statistics.fmean(s.alpha_delta for s in fitted))
+        assert report.summary["num_looks_random"] <= 2
+    else:
+        assert math.isnan(report.summary["alpha_delta_mean"]) and math.isnan(report.summary["num_looks_random"])
+    full = analyze(model, esd="full", fit=fit, random_baseline=random_baseline)  # the window is the matrix
+    assert [s.status for s in full.layers][:3] == ["skipped", "too_small", "ok"]  # 2 eigenvalues < min_eigenvalues
+    judged = analyze(model, fit=fit, random_baseline=random_baseline, min_window_side=2)
+    assert [s.status for s in judged.layers] == ["ok"] * 4
+    assert judged["3"].alpha == report["3"].alpha  # ordinary layers are unaffected by the rule
+    with pytest.raises(ValueError, match="min_window_side"):
+        analyze(model, min_window_side=1)
+
+
+def test_a_too_small_head_keeps_its_place_in_tempbalance_and_gets_the_mean_sparsity():
+    from farms_lightning import alpha_sparsity
+    from farms_lightning.policies.tempbalance import layer_parameters, parameter_factors
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 128), nn.Linear(128, 96), nn.Linear(96, 2))
+    report = analyze(model, random_baseline=False)
+    assert report["3"].status == "too_small"
+    factors, _ = parameter_factors(report, layer_parameters(model))
+    # "0" is the first layer and "3", too small, is still the last: only "1" and "2" are tuned.
+    assert sorted(factors) == ["1", "2"] and sorted(factors.values()) == [0.5, 1.5]
+    sparsities = alpha_sparsity(report, 0.5)
+    assert sparsities["3"] == 0.5 and sparsities.keys() == {"0", "1", "2", "3"}

@@ -38,13 +38,14 @@ def _alpha(spectra: list, fit: str = "median") -> float:
 def test_grouped_conv_is_the_mean_over_every_groups_blocks(shape, groups, q):
     conv = _heavy(nn.Conv2d(shape[1] * groups, shape[0], shape[2:], groups=groups), seed=groups)
     w = conv.weight.detach().numpy()
-    report = analyze(conv, aspect_ratio=q, min_eigenvalues=5)
+    # Small per-group blocks (down to 2x4): every window judged here, this checks the numbers.
+    report = analyze(conv, aspect_ratio=q, min_eigenvalues=5, min_window_side=2)
     blocks = ref.grouped_conv_block_eigs(w, groups, q)
     stats = report[""]
     assert stats.status == "ok", stats.reason
     assert stats.num_evals == sum(len(b) for b in blocks)
     assert stats.alpha == pytest.approx(_alpha(blocks), rel=1e-9)
-    full = analyze(conv, esd="full")[""]
+    full = analyze(conv, esd="full", min_window_side=2)[""]
     pooled = ref.block_diagonal_conv_full_eigs(w, groups)  # the block-diagonal matrix's exact ESD
     assert full.num_evals == len(pooled)
     assert full.alpha == pytest.approx(ref.fit(pooled, "median")["alpha"], rel=1e-9)
@@ -53,11 +54,11 @@ def test_grouped_conv_is_the_mean_over_every_groups_blocks(shape, groups, q):
 def test_grouped_blocks_coincide_with_dense_blocks_when_out_per_group_is_a_multiple():
     """out/groups a multiple of in/groups, Q <= 1: the stored slice's blocks are exactly the groups' blocks."""
     conv = _heavy(nn.Conv2d(64, 128, 3, groups=8))  # per group 16 x 8: two 8x8 blocks each
-    grouped = analyze(conv)[""]
+    grouped = analyze(conv, min_window_side=2)[""]  # 8x8 blocks: below the default, judged here
     dense = ref.conv_block_eigs(conv.weight.detach().numpy(), 1.0)  # the (128, 8) slice as one matrix
     assert grouped.alpha == pytest.approx(_alpha(dense), rel=1e-12)
     odd = _heavy(nn.Conv2d(64, 96, 3, groups=8))  # per group 12 x 8: one block, 4 rows left over per group
-    assert analyze(odd)[""].alpha == pytest.approx(_alpha(ref.grouped_conv_block_eigs(odd.weight.detach().numpy(), 8)))
+    assert analyze(odd, min_window_side=2)[""].alpha == pytest.approx(_alpha(ref.grouped_conv_block_eigs(odd.weight.detach().numpy(), 8)))
     assert analyze(odd)[""].alpha != pytest.approx(_alpha(ref.conv_block_eigs(odd.weight.detach().numpy())))
 
 
@@ -217,7 +218,7 @@ def test_dynamic_quantized_linear_is_analysed_from_its_dequantized_weights():
         conv = torch.ao.nn.quantized.Conv2d(32, 64, 3, groups=4)
         w = _heavy(nn.Conv2d(32, 64, 3, groups=4)).weight.detach()
         conv.set_weight_bias(torch.quantize_per_tensor(w, float(w.abs().max()) / 127, 0, torch.qint8), None)
-        stats = analyze(conv)[""]
+        stats = analyze(conv, min_window_side=2)[""]  # 8x8 blocks per group
         expected = ref.grouped_conv_block_eigs(conv.weight().dequantize().numpy(), 4)
         assert stats.status == "ok" and stats.alpha == pytest.approx(_alpha(expected), rel=1e-9)
 

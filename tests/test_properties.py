@@ -68,8 +68,9 @@ def test_linear_layers_fit_or_give_a_reason(rows, cols, kind, dtype, window, asp
     with torch.no_grad():
         layer.weight = nn.Parameter(_weights(kind, (rows, cols), seed).to(dtype))
     before = layer.weight.detach().clone()
+    # min_window_side=2: every window is judged, so the fits of tiny windows are exercised too.
     stats = analyze(layer, window=window, aspect_ratio=aspect_ratio, windows_per_dim=windows_per_dim, fit=fit,
-                    esd=esd)[""]
+                    esd=esd, min_window_side=2)[""]
     assert torch.equal(layer.weight.view(torch.uint8), before.view(torch.uint8))  # bitwise: NaN included
     _check_whole_matrix(stats, layer.weight)
     assert stats.status in ("ok", "skipped", "failed")

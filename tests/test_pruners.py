@@ -249,7 +249,8 @@ def test_farms_model_pruning_in_a_real_fit(tmp_path):
             probe.get_submodule(name).weight.copy_(weight)
     report = analyze(probe, "llm")  # the callback's default preset
     assert pruning.alphas == {s.name: s.alpha for s in report.layers}
-    assert report["features.0"].status == "skipped" and len(report.alphas) == 4
+    assert report["features.0"].status == "skipped" and report["head.4"].status == "too_small"
+    assert len(report.alphas) == 3  # the too-small head gets the target sparsity, as a skipped layer does
     counts = {s.name: s.num_params for s in report.layers}
     previous = {name: np.zeros(before.weights[0][name].shape, dtype=bool) for name in counts}
     for epoch, target in enumerate([0.3, 0.6]):

@@ -193,6 +193,8 @@ def _add_engine(cmd: argparse.ArgumentParser, preset: str) -> None:
     engine.add_argument("--layer-types", nargs="+", action="extend", metavar="TYPE",
                         help=f"among {', '.join(LAYER_TYPES)} (commas allowed)")
     engine.add_argument("--min-eigenvalues", type=int, default=10)
+    engine.add_argument("--min-window-side", type=int, default=16,
+                        help="layers whose windows have fewer rows or columns are reported too_small (2: judge all)")
     engine.add_argument("--peak-bound", choices=("reference", "corrected"), default="reference")
     engine.add_argument("--no-split-qkv", dest="split_qkv", action="store_false",
                         help="analyse fused q/k/v projections (qkv, c_attn, in_proj_weight) whole, not as .q/.k/.v")
@@ -236,7 +238,8 @@ def _analysis(args: argparse.Namespace, report_output: Path | None = None, prune
     with _usage_errors():
         settings = resolve_settings(args.preset, args.window, args.aspect_ratio, args.windows_per_dim, args.fit,
                                     args.esd, args.dtype, args.min_eigenvalues, args.peak_bound,
-                                    getattr(args, "random_baseline", False))  # prune needs only alphas
+                                    getattr(args, "random_baseline", False),  # prune needs only alphas
+                                    args.min_window_side)
     return_large_blocks_when_freed()  # freed windows and shards go back to the system: bounded memory
     if not analyse:
         return checkpoint, layers, FARMSReport([], settings)

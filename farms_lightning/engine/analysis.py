@@ -16,7 +16,7 @@ from torch import nn
 
 from farms_lightning.engine.baseline import random_baselines, with_baseline
 from farms_lightning.engine.esd_metrics import ESD_METRIC_NAMES, esd_metrics
-from farms_lightning.engine.layer_plans import plan_layer
+from farms_lightning.engine.layer_plans import MIN_WINDOW_SIDE, plan_layer
 from farms_lightning.engine.matrix_metrics import MATRIX_METRIC_NAMES, conv_matrices, whole_matrix_metrics
 from farms_lightning.engine.powerlaw import (
     PowerLawFit,
@@ -50,6 +50,7 @@ def resolve_settings(
     min_eigenvalues: int = 10,
     peak_bound: str = "reference",
     random_baseline: bool = True,
+    min_window_side: int = MIN_WINDOW_SIDE,
 ) -> dict[str, Any]:
     """The validated analysis settings: the preset's values overridden by explicit arguments.
 
@@ -68,8 +69,10 @@ def resolve_settings(
     resolve_dtype(dtype)
     if not isinstance(random_baseline, bool):
         raise ValueError(f"`random_baseline` must be True or False, got {random_baseline!r}")
+    if isinstance(min_window_side, bool) or not isinstance(min_window_side, int) or min_window_side < 2:
+        raise ValueError(f"`min_window_side` must be an integer >= 2, got {min_window_side!r}")
     settings.update(preset=preset, esd=esd, dtype=dtype, min_eigenvalues=min_eigenvalues, peak_bound=peak_bound,
-                    random_baseline=random_baseline)
+                    random_baseline=random_baseline, min_window_side=min_window_side)
     return settings
 
 
@@ -89,6 +92,7 @@ def analyze(
     min_eigenvalues: int = 10,
     peak_bound: str = "reference",
     random_baseline: bool = True,
+    min_window_side: int = MIN_WINDOW_SIDE,
     keep_eigenvalues: bool = False,
     split_qkv: bool = True,
     lora: str = "merged",
@@ -111,6 +115,9 @@ def analyze(
         random_baseline: also give every fitted layer ``alpha_random`` (the median alpha of 5
             i.i.d. Gaussian matrices of its shape under the same settings, cached per shape),
             ``alpha_random_spread`` and ``alpha_delta = alpha - alpha_random``. ``False`` skips it.
+        min_window_side: layers whose windows (the whole matrix with ``esd="full"``) have fewer
+            rows or columns are reported ``"too_small"`` with no alpha: random matrices of their
+            shape spread too widely to judge (docs/reading-alpha.md). ``2`` judges every layer.
         keep_eigenvalues: keep each analysed layer's sorted ESDs in ``report.eigenvalues``
             (one tensor per conv block), e.g. for plots.
         split_qkv: split fused q/k/v projections (``qkv``, ``c_attn``, ``qkv_proj``, ``Wqkv`` with
@@ -122,7 +129,8 @@ def analyze(
 
     Returns:
         A :class:`FARMSReport`. Layers that cannot be analysed are reported with
-        ``status="skipped"`` and layers without a fit with ``status="failed"``, each with a reason.
+        ``status="skipped"``, layers too small to judge with ``status="too_small"`` and layers
+        without a fit with ``status="failed"``, each with a reason.
 
     Raises:
         ValueError: a bad argument (never bad weights).
@@ -134,7 +142,7 @@ def analyze(
         >>> report.to_rows()[0]["status"]
     """
     settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
-                                min_eigenvalues, peak_bound, random_baseline)
+                                min_eigenvalues, peak_bound, random_baseline, min_window_side)
     layers = discover_layers(model, layer_types, include, exclude, split_qkv=split_qkv, lora=lora)
     stats, eigenvalues = analyze_layers(layers, settings, keep_eigenvalues=keep_eigenvalues)
     return FARMSReport(stats, settings, eigenvalues)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ CONV_EIGENVALUE_SCALE = 0.5
 
 #: Status of a layer whose windows are too small to judge (see :data:`MIN_WINDOW_SIDE`).
 TOO_SMALL = "too_small"
-#: Windows with fewer rows or columns than this (eigenvalues per window) give no alpha: their random-matrix
+#: Default ``min_window_side``: windows with fewer rows or columns (eigenvalues per window) give no alpha: their random-matrix
 #: baseline spreads too widely for any alpha to be told apart from chance. Measured with the ``median``
 #: fit (cv preset, 5 random draws): the draws' range is 1.53, 0.79, 0.22 and 0.24 on 2-, 3-, 8- and
 #: 10-row heads of 768 columns, 0.11 on 16 rows, 0.01 on ordinary 384x384 and 768x3072 layers.
@@ -79,10 +79,10 @@ def plan_layer(
         where = f" (blocks of {layer.groups} groups)" if layer.groups > 1 else ""
         return skipped(layer, f"too small: {per_group} eigenvalues per ESD{where} < min_eigenvalues="
                                f"{settings['min_eigenvalues']}")
-    side = min(windows.grid.rows, windows.grid.cols)
-    if side < MIN_WINDOW_SIDE:
+    side, smallest = min(windows.grid.rows, windows.grid.cols), settings.get("min_window_side", MIN_WINDOW_SIDE)
+    if side < smallest:
         return LayerStats(layer.name, layer.module_type, layer.shape, TOO_SMALL,
-                          f"{windows.grid.rows}x{windows.grid.cols} windows, fewer than {MIN_WINDOW_SIDE} "
+                          f"{windows.grid.rows}x{windows.grid.cols} windows, fewer than {smallest} "
                           "eigenvalues each: too few to tell from a random matrix",
                           num_params=layer.num_params)
     return windows

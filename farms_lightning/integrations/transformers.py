@@ -254,7 +254,7 @@ class FARMSTrainerCallback(TrainerCallback):
         self.last_report = report
         entry = history_entry(report, stage, epoch, state.global_step, elapsed)
         for stats in report.layers:
-            if stats.status != "ok":
+            if stats.status not in ("ok", "too_small"):  # a too-small head is normal: its row says so
                 self._warn_once(f"{stats.name}:{stats.reason}",
                                 f"FARMSTrainerCallback: layer {stats.name!r} {stats.status}: {stats.reason}")
         scalars = report_scalars(report, self.prefix, self.log_metrics, self.log_summary, elapsed)

@@ -58,7 +58,7 @@ class FARMSCallback(Callback):
 
     Args:
         preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype, include, exclude,
-            layer_types, min_eigenvalues, peak_bound, random_baseline: engine options, as for
+            layer_types, min_eigenvalues, peak_bound, random_baseline, min_window_side: engine options, as for
             :func:`farms_lightning.analyze` (``dtype`` as a string: ``"float64"``).
             The random-matrix baseline is computed once per layer shape (cached), so only the
             first analysis pays for it.
@@ -112,6 +112,7 @@ class FARMSCallback(Callback):
         min_eigenvalues: int = 10,
         peak_bound: str = "reference",
         random_baseline: bool = True,
+        min_window_side: int = 16,
         every_n_epochs: Optional[int] = 1,
         every_n_steps: Optional[int] = None,
         analyze_on_train_start: bool = True,
@@ -127,7 +128,7 @@ class FARMSCallback(Callback):
         lora: str = "merged",
     ) -> None:
         self.settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
-                                         min_eigenvalues, peak_bound, random_baseline)
+                                         min_eigenvalues, peak_bound, random_baseline, min_window_side)
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
         validate_discovery_args(split_qkv, lora)
         self.split_qkv, self.lora = split_qkv, lora
@@ -317,10 +318,10 @@ class FARMSCallback(Callback):
     def _warn_bad_layers(self, report: FARMSReport) -> None:
         for stats in report.layers:
             key = (stats.name, stats.reason)
-            if stats.status != "ok" and key not in self._warned:
+            # A layer too small to judge (a classification head) is normal: its row says so, no warning.
+            if stats.status not in ("ok", "too_small") and key not in self._warned:
                 self._warned.add(key)
-                verdict = "not judged" if stats.status == "too_small" else stats.status
-                rank_zero_warn(f"FARMSCallback: layer {stats.name!r} {verdict}: {stats.reason}")
+                rank_zero_warn(f"FARMSCallback: layer {stats.name!r} {stats.status}: {stats.reason}")
 
     @rank_zero_only
     def _log_rank_zero(self, trainer: pl.Trainer, report: FARMSReport, step: int, folder: str | None) -> None:

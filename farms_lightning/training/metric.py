@@ -65,7 +65,7 @@ class FARMSMetric(Metric):
 
     Args:
         preset: ``"cv"`` or ``"llm"``; ``options`` override it (``window``, ``aspect_ratio``,
-            ``windows_per_dim``, ``fit``, ``esd``, ``dtype``, ``min_eigenvalues``, ``peak_bound``).
+            ``windows_per_dim``, ``fit``, ``esd``, ``dtype``, ``min_eigenvalues``, ``peak_bound``, ``min_window_side``).
         include, exclude, layer_types, split_qkv, lora: layer selection, as for
             :func:`farms_lightning.analyze`.
         random_baseline: compare every layer with i.i.d. Gaussian matrices of its shape
@@ -99,6 +99,7 @@ class FARMSMetric(Metric):
         min_eigenvalues: int = 10,
         peak_bound: str = "reference",
         random_baseline: bool = True,
+        min_window_side: int = 16,
         split_qkv: bool = True,
         lora: str = "merged",
         **kwargs: Any,
@@ -107,7 +108,7 @@ class FARMSMetric(Metric):
         validate_discovery_args(split_qkv, lora)
         self.split_qkv, self.lora = split_qkv, lora
         self.settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
-                                         min_eigenvalues, peak_bound, random_baseline)
+                                         min_eigenvalues, peak_bound, random_baseline, min_window_side)
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
         self.layer_names: list[str] = []
         # Per layer: [alpha (0 if none), alpha_weighted (0 if none), status code, alpha_random (NaN if

@@ -38,7 +38,7 @@ class FARMSModelPruning(ModelPruning):
         amount: target mean sparsity ``S`` (float) or ``epoch -> S``.
         epsilon, blocks, max_sparsity: as for :func:`~farms_lightning.policies.pruning.alpha_sparsity`.
         preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype, include, exclude, layer_types,
-            min_eigenvalues, peak_bound: as for :func:`farms_lightning.analyze`, but the preset defaults
+            min_eigenvalues, peak_bound, min_window_side: as for :func:`farms_lightning.analyze`, but the preset defaults
             to ``"llm"`` (AlphaPruning's peak fit). ``include``/``exclude``/``layer_types`` also choose
             the layers pruned (default: Linear, Conv, attention in-projections, Conv1D).
         apply_pruning, make_pruning_permanent, use_lottery_ticket_hypothesis, verbose,
@@ -75,6 +75,7 @@ class FARMSModelPruning(ModelPruning):
         layer_types: Optional[list[str]] = None,
         min_eigenvalues: int = 10,
         peak_bound: str = "reference",
+        min_window_side: int = 16,
         apply_pruning: Union[bool, Callable[[int], bool]] = True,
         make_pruning_permanent: bool = True,
         use_lottery_ticket_hypothesis: Union[bool, Callable[[int], bool]] = False,
@@ -88,13 +89,14 @@ class FARMSModelPruning(ModelPruning):
                          prune_on_train_epoch_end=prune_on_train_epoch_end)
         # Fail at construction, not epochs into training, on bad numbers or engine options.
         alpha_sparsity({}, 0.0 if callable(amount) else amount, epsilon, blocks=blocks, max_sparsity=max_sparsity)
-        resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype, min_eigenvalues, peak_bound)
+        resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype, min_eigenvalues, peak_bound,
+                         min_window_side=min_window_side)
         validate_discovery_args(split_qkv, "merged")
         self.split_qkv = split_qkv
         self.epsilon, self.blocks, self.max_sparsity = epsilon, blocks, max_sparsity
         self.analysis: dict[str, Any] = dict(preset=preset, window=window, aspect_ratio=aspect_ratio, windows_per_dim=windows_per_dim,
                              fit=fit, esd=esd, dtype=dtype, include=include, exclude=exclude, layer_types=layer_types,
-                             min_eigenvalues=min_eigenvalues, peak_bound=peak_bound,
+                             min_eigenvalues=min_eigenvalues, peak_bound=peak_bound, min_window_side=min_window_side,
                              random_baseline=False)  # only the alphas set the sparsities
         self.alphas: dict[str, Optional[float]] = {}
         self.sparsities: dict[str, float] = {}
