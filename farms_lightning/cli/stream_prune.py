@@ -26,11 +26,11 @@ from farms_lightning.files.safe_io import (
     TEMP_PREFIX,
     atomic_write,
     commit_folder,
-    copy_into,
     discard,
     input_errors,
     new_folder_beside,
 )
+from farms_lightning.files.safe_copy import copy_into
 from farms_lightning.files.safetensors_file import SafetensorsFile, save_safetensors
 from farms_lightning.models.state_dict import model_from_state_dict
 from farms_lightning.policies.pruners import prune_model, select_layers
