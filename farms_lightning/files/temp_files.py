@@ -65,7 +65,7 @@ def create_temp(parent: Path, suffix: str, *, folder: bool = False) -> Path:
     umask, as a plain write gives. Remove it with :func:`remove_temp`.
     """
     for _ in range(100):
-        path = parent / temp_name("" if folder else suffix)
+        path = parent / temp_name()  # a folder either way: the file inside gets the suffix
         try:
             os.mkdir(path, 0o777 if folder else 0o700)  # the umask applies, as to a plain mkdir
         except FileExistsError:
