@@ -236,10 +236,9 @@ def test_sigterm_during_analyze_with_a_cache(big_folder):
 
 def test_stop_on_signals_raises_once_and_restores_the_handlers():
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Interrupted) as stopped:
-        with stop_on_signals():
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1)
+    with pytest.raises(Interrupted) as stopped, stop_on_signals():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
     assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is before
 
 
@@ -340,7 +339,7 @@ def test_a_tensor_name_with_a_lone_surrogate_is_written_escaped(tmp_path, capsys
 @pytest.mark.parametrize("change", ["truncate", "swap"])
 def test_an_input_changed_between_the_passes_of_prune_is_exit_3(model, capsys, monkeypatch, source, change):
     torch.save({"enc.weight": heavy_tailed(60, 40, seed=1)}, model / "sd.pt")
-    victim = model / source if not source == "shards" else model / "shards" / "model-1.safetensors"
+    victim = model / source if source != "shards" else model / "shards" / "model-1.safetensors"
     real = stream_prune.prune_stream
 
     def changed_first(*args, **kwargs):  # the first pass is over; the file changes before the second
