@@ -13,6 +13,7 @@ from lightning_helpers import TinyNet, WeightSnapshots, loaders, trainer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from farms_lightning import FARMSCallback, analyze
+from farms_lightning.files import strict_json
 
 
 def _fit(tmp_path, callbacks, epochs=2, seed=0, ckpt_path=None, with_val=True, **kwargs):
@@ -123,7 +124,7 @@ def test_step_schedule_and_history_files(tmp_path):
     _fit(tmp_path, [farms], epochs=2, logger=logger)
     assert [(h["stage"], h["step"]) for h in farms.history] == [("step", 3), ("step", 6)]
     with open(os.path.join(logger.log_dir, "farms_history.json")) as f:
-        assert json.load(f) == json.loads(json.dumps(farms.history))
+        assert json.load(f) == json.loads(strict_json.dumps(farms.history))  # strict JSON: null for NaN
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
         header = f.readline()
     assert "farms/alpha/head.2" in header and "farms/alpha_mean" in header

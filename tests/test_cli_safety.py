@@ -283,14 +283,18 @@ def test_output_permissions_follow_the_umask(inputs, capsys):
     assert (inputs / "r.json").stat().st_mode & 0o777 == 0o600
 
 
-def test_atomic_write_follows_a_symlink(tmp_path):
+def test_atomic_write_never_follows_a_symlink(tmp_path):
     (tmp_path / "real.txt").write_text("old")
     os.symlink("real.txt", tmp_path / "link.txt")
-    atomic_write(tmp_path / "link.txt", lambda tmp: tmp.write_text("new"))
-    assert (tmp_path / "link.txt").is_symlink() and (tmp_path / "real.txt").read_text() == "new"
+    os.symlink("created.txt", tmp_path / "dangling.txt")
+    for link in ("link.txt", "dangling.txt"):
+        with pytest.raises(safe_io.UnsafeTarget, match="is a symbolic link") as refused:
+            atomic_write(tmp_path / link, lambda tmp: tmp.write_text("new"))
+        assert refused.value.code == 2 and (tmp_path / link).is_symlink()
+    assert (tmp_path / "real.txt").read_text() == "old" and not (tmp_path / "created.txt").exists()
     with pytest.raises(ZeroDivisionError):  # not an I/O error: raised as it is, and nothing is left over
         atomic_write(tmp_path / "real.txt", lambda tmp: tmp.write_text("half") and 1 / 0)
-    assert (tmp_path / "real.txt").read_text() == "new" and not leftovers(tmp_path)
+    assert (tmp_path / "real.txt").read_text() == "old" and not leftovers(tmp_path)
 
 
 # ---------------------------------------------------------------- non-UTF-8 names

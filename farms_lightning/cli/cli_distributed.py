@@ -6,6 +6,11 @@ group (gloo on CPU, nccl on GPU), each rank analyses its share of the layers (th
 report. Every step that can fail is followed by :func:`together`: the ranks all-reduce an error flag
 (the largest exit code) behind a barrier, so a failure on any rank makes every rank stop with the same
 exit code, and none waits forever. Without ``torchrun`` all of this is a plain single process.
+
+SIGINT and SIGTERM (:func:`stop_on_signals`) raise :class:`Interrupted` where the command is, so every
+cleanup runs (temporary files and folders removed) and the command exits ``128 +`` the signal's
+number, as shells report it: 130 for SIGINT, 143 for SIGTERM. A rank whose peer stopped (killed,
+crashed) gets an error from the collective: one line (:class:`RankLost`, exit 1), not a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -35,6 +42,58 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 
 class RankFailed(CLIError):
     """Another rank failed: this rank stops with its exit code (the failing rank printed why)."""
+
+
+class RankLost(CLIError):
+    """A collective failed because another rank is gone (killed or crashed): exit 1, one line."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived. A ``BaseException``, like ``KeyboardInterrupt``: no ``except
+    Exception`` stops it, every ``except BaseException`` cleanup and ``finally`` runs on its way out."""
+
+    def __init__(self, signum: int) -> None:
+        self.code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
+        self.help_hint = False
+        super().__init__(f"stopped by {signal.Signals(signum).name} (exit code {self.code}); temporary files "
+                         f"removed, no partial output left")
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Inside, SIGINT and SIGTERM raise :class:`Interrupted`; the previous handlers are restored after.
+
+    Only the first signal raises: one arriving during the cleanup it started is ignored, so the
+    cleanup completes. Outside the main thread (where handlers cannot be set) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if not received:
+            received.append(signum)
+            raise Interrupted(signum)
+
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+@contextlib.contextmanager
+def _collective() -> Iterator[None]:
+    """A failed collective (gloo/nccl raise ``RuntimeError`` when a peer is gone) as one line."""
+    try:
+        yield
+    except RuntimeError as error:
+        rank, _ = distributed_context()
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise RankLost(f"rank {rank}: lost contact with another rank (stopped or crashed), so this one stops "
+                       f"too; nothing was written ({first})", EXIT_INTERNAL) from None
 
 
 def parse_size(text: str) -> int:
@@ -103,7 +162,8 @@ def process_group(device_text: str | None) -> Iterator[None]:
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        with contextlib.suppress(Exception):  # after a lost rank the group may be broken already
+            dist.destroy_process_group()
 
 
 def together(step: Callable[[], T]) -> T:
@@ -124,8 +184,9 @@ def together(step: Callable[[], T]) -> T:
         traceback.print_exc()
         code, error = EXIT_INTERNAL, CLIError(f"rank {rank}: internal error: {failure!r}", EXIT_INTERNAL)
     flag = torch.tensor([code], device=_collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    dist.barrier()
+    with _collective():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.barrier()
     worst = int(flag.item())
     if error is not None:
         raise error
@@ -140,7 +201,8 @@ def gather(value: Any) -> list[Any]:
     if world_size == 1:
         return [value]
     out: list[Any] = [None] * world_size
-    dist.all_gather_object(out, value)
+    with _collective():
+        dist.all_gather_object(out, value)
     return out
 
 
@@ -150,7 +212,8 @@ def broadcast(value: Any) -> Any:
     if world_size == 1:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    with _collective():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -158,7 +221,7 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def print_error(prog: str, error: CLIError) -> None:
+def print_error(prog: str, error: CLIError | Interrupted) -> None:
     """One line on stderr; under torchrun prefixed by the rank, and nothing for :class:`RankFailed`
     except on rank 0."""
     rank, world_size = distributed_context()

@@ -8,7 +8,8 @@ the file's first bytes (the extension is only a fallback). Torch files are loade
 Exit codes: 0 success; 1 unexpected internal error (with a traceback); 2 usage error (bad option
 or value, an output over an input); 3 input missing, unreadable, truncated or of an unknown format;
 4 nothing to analyse (no weight matrix, or none left by ``--include``/``--exclude``/``--layer-types``);
-5 the output cannot be written (nothing is left half-written: see :mod:`farms_lightning.files.safe_io`).
+5 the output cannot be written (nothing is left half-written: see :mod:`farms_lightning.files.safe_io`);
+130 stopped by SIGINT, 143 by SIGTERM (temporary files removed).
 
 Weights are streamed (:mod:`farms_lightning.cli.streaming`): one tensor, or one torch file, in memory at
 a time; ``prune`` analyses in one pass and writes in a second. Under ``torchrun`` the ranks share
@@ -31,11 +32,13 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from farms_lightning.cli.cli_distributed import (
+    Interrupted,
     group_budget,
     parse_size,
     print_error,
     process_group,
     resolve_device,
+    stop_on_signals,
     together,
 )
 from farms_lightning.cli.cli_parsing import Parser, UsageError, name_subcommands, parse_arguments
@@ -91,30 +94,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parse_arguments(parser, argv)
-    except UsageError as error:
-        _print_error(error.prog, str(error), hint=True)
+    except UsageError as error:  # one line, the (sub)command, the problem, where to read more
+        print(f"{error.prog}: error: {error} (see {error.prog} --help)", file=sys.stderr)
         return EXIT_USAGE
     except SystemExit as done:  # --help
         return int(done.code or 0)
+    group = process_group(args.device) if hasattr(args, "device") else contextlib.nullcontext()  # plot: no device
     try:
-        with process_group(args.device) if hasattr(args, "device") else contextlib.nullcontext():  # plot: no device
+        with stop_on_signals(), group:  # SIGINT/SIGTERM: cleanups run, exit 130/143
             try:
                 return args.command(args)
-            except CLIError as error:  # printed inside the process group: the line names the rank
+            except (CLIError, Interrupted) as error:  # printed inside the process group: the line names the rank
                 print_error(args.parser.prog, error)
                 return error.code
-    except CLIError as error:  # joining the process group failed (e.g. --device cuda without CUDA)
+    except (CLIError, Interrupted) as error:  # joining the process group failed (e.g. --device cuda without CUDA)
         print_error(args.parser.prog, error)
         return error.code
 
 
-def _print_error(prog: str, message: str, hint: bool) -> None:
-    """One line on stderr: the (sub)command, the problem and, for usage errors, where to read more."""
-    print(f"{prog}: error: {message}" + (f" (see {prog} --help)" if hint else ""), file=sys.stderr)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    epilog = "exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 nothing to analyse, 5 output not writable"
+    epilog = ("exit codes: 0 ok, 1 internal error, 2 usage, 3 bad input, 4 nothing to analyse, 5 output not "
+              "writable, 130/143 stopped by SIGINT/SIGTERM")
     parser = Parser(prog="farms-lightning", description=DESCRIPTION, epilog=epilog)
     commands = parser.add_subparsers(required=True, dest="subcommand")
     usage = "%(prog)s PATH [options]"  # PATH first: --include/--exclude/--layer-types take several values

@@ -13,8 +13,10 @@ On a failure anywhere the temporary folder is removed: nothing is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -23,14 +25,17 @@ from farms_lightning.cli.streaming import Checkpoint, release_freed_memory
 from farms_lightning.cli.weight_files import _save_torch, read_torch
 from farms_lightning.engine.distributed import distributed_context
 from farms_lightning.files.safe_io import (
+    EXIT_INPUT,
     TEMP_PREFIX,
+    CLIError,
     atomic_write,
     commit_folder,
-    copy_into,
     discard,
     input_errors,
     new_folder_beside,
+    shown,
 )
+from farms_lightning.files.safe_copy import copy_into
 from farms_lightning.files.safetensors_file import SafetensorsFile, save_safetensors
 from farms_lightning.models.state_dict import model_from_state_dict
 from farms_lightning.policies.pruners import prune_model, select_layers
@@ -52,8 +57,16 @@ def prune_stream(checkpoint: Checkpoint, sparsities: dict[str, float], out: Path
         achieved = together(lambda: _write_file(checkpoint, shard, by_shard.get(shard, {}), out) if rank == 0 else {})
         return broadcast(achieved)
     mine = [s for s, r in zip(checkpoint.shards(), _assign(checkpoint)) if r == rank]
-    tmp = broadcast(together(lambda: new_folder_beside(out) if rank == 0 else None))
+    made: list[Path] = []  # rank 0's temporary folder, known to the cleanup from the moment it exists
+
+    def make_folder() -> Path | None:
+        if rank == 0:
+            made.append(new_folder_beside(out))
+        return made[0] if made else None
+
     try:
+        tmp = broadcast(together(make_folder))
+
         def write_mine() -> dict[str, float]:
             if rank == 0:
                 _copy_others(checkpoint, tmp, out)
@@ -65,9 +78,9 @@ def prune_stream(checkpoint: Checkpoint, sparsities: dict[str, float], out: Path
 
         parts = gather(together(write_mine))
         together(lambda: commit_folder(tmp, out) if rank == 0 else None)
-    except BaseException:
-        if rank == 0:  # every rank has stopped writing: together() ends behind a barrier
-            discard(tmp)
+    except BaseException:  # a failure on any rank, SIGINT or SIGTERM (cli_distributed.Interrupted)
+        if made:  # rank 0; every rank has stopped writing: together() ends behind a barrier
+            discard(made[0])
         raise
     merged = {name: value for part in parts for name, value in part.items()}
     return {name: merged[name] for name in sparsities if name in merged}
@@ -104,10 +117,14 @@ def _write_file(checkpoint: Checkpoint, shard: str, sparsities: dict[str, float]
     if checkpoint.is_safetensors(shard):
         keys, metadata = checkpoint.weights.files[shard]
         specs = {key: checkpoint.weights.state_dict[key] for key in keys}
-        with input_errors(source), SafetensorsFile(source) as file:
+        with input_errors(source), _changed(source):
+            file = SafetensorsFile(source)
+        with file:
             def load(key: str) -> torch.Tensor:
-                with input_errors(source):
+                with input_errors(source), _changed(source):
                     tensor = file.get_tensor(key)
+                    if tensor.dtype != specs[key].dtype or tensor.shape != specs[key].shape:
+                        raise ValueError(f"tensor {key!r} is now {tensor.dtype} {tuple(tensor.shape)}")
                 if key in names:
                     parts = names[key]
                     # Under the layers' own key (a tied alias names the stored tensor differently).
@@ -120,6 +137,11 @@ def _write_file(checkpoint: Checkpoint, shard: str, sparsities: dict[str, float]
             atomic_write(target, lambda tmp: save_safetensors(specs, tmp, metadata, load=load), label=label)
         return achieved
     tensors, container = read_torch(source, checkpoint.trust_pickle, mmap=True)
+    for key in names:  # the file may have been replaced since the first pass read it
+        with _changed(source):
+            expected, found = checkpoint.weights.state_dict[key], tensors[key]
+            if found.dtype != expected.dtype or found.shape != expected.shape:
+                raise ValueError(f"tensor {key!r} is now {found.dtype} {tuple(found.shape)}")
     # The shard's own tensors: tied keys share memory here, and the pruner prunes each memory once.
     # Pruned in place, copy-on-write: the shard's pruned matrices are what this costs in memory.
     model = model_from_state_dict(tensors)
@@ -139,3 +161,14 @@ def _copy_others(checkpoint: Checkpoint, folder: Path, out: Path) -> None:
     for other in others:
         copy_into(other, folder / other.name, label=out / other.name)
 
+
+@contextlib.contextmanager
+def _changed(source: Path) -> Iterator[None]:
+    """The reader's ``ValueError`` in the second pass: the file changed since the first (exit 3)."""
+    try:
+        yield
+    except (ValueError, KeyError) as error:
+        if isinstance(error, KeyError):
+            error = ValueError(f"the tensor {error.args[0]!r} is gone")
+        raise CLIError(f"{shown(source)} changed while it was being pruned (truncated or replaced since it was "
+                       f"analysed?): {error}; nothing was written", EXIT_INPUT) from None

@@ -30,11 +30,11 @@ from farms_lightning.files.safe_io import (
     CLIError,
     atomic_folder,
     atomic_write,
-    copy_into,
     input_errors,
     reason,
     shown,
 )
+from farms_lightning.files.safe_copy import copy_into
 from farms_lightning.files.safetensors_file import SafetensorsFile, save_safetensors
 
 __all__ = ["EXIT_INPUT", "EXIT_OUTPUT", "CLIError", "Weights", "load_weights", "save_weights", "sniff_format"]

@@ -9,8 +9,11 @@ Every output goes through :func:`atomic_write` (a temporary file in the target's
 fsynced, then renamed over the target: a failure leaves the previous file intact and no temporary file
 behind) or :func:`atomic_folder` (a folder built beside the target and renamed into place at the end;
 its steps :func:`new_folder_beside`, :func:`commit_folder` and :func:`discard` can be called apart).
-:func:`check_output` refuses, before any work, an output that would land on one of the inputs or that
-cannot be made (:func:`refuse_over_inputs` is the overlap rule alone); :func:`write_stdout` prints.
+A write lands on a regular file or a new name, never through a link and never on a device, FIFO or
+socket (:class:`UnsafeTarget`). :func:`check_output` refuses, before any work, an output that would
+land on one of the inputs, that is a link or a special file, or that cannot be made
+(:func:`refuse_over_inputs` is the overlap rule alone), and removes what a killed run left beside it
+(:func:`~farms_lightning.files.temp_files.remove_stale_temps`); :func:`write_stdout` prints.
 
 Example (a command that writes a figure)::
 
@@ -21,20 +24,21 @@ Example (a command that writes a figure)::
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
-import secrets
-import shutil
 import stat
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from farms_lightning.files.temp_files import TEMP_PREFIX, create_temp, file_kind, remove_stale_temps, remove_temp
+
+__all__ = ["EXIT_INPUT", "EXIT_OUTPUT", "EXIT_USAGE", "TEMP_PREFIX", "CLIError", "UnsafeTarget", "atomic_folder",
+           "atomic_write", "check_output", "check_target", "commit_folder", "discard", "input_errors",
+           "new_folder_beside", "output_errors", "reason", "refuse_over_inputs", "shown", "write_stdout",
+           "write_text"]
+
 EXIT_USAGE, EXIT_INPUT, EXIT_OUTPUT = 2, 3, 5
-#: Prefix of temporary files and folders: short, ASCII, so the name fits however long the target's is.
-TEMP_PREFIX = ".farms-tmp-"
-_CHUNK = 1 << 20
 
 
 class CLIError(Exception):
@@ -45,6 +49,37 @@ class CLIError(Exception):
         self.code = code
         #: Point to ``--help`` after the message (default: for usage errors).
         self.help_hint = code == EXIT_USAGE if help_hint is None else help_hint
+
+
+class UnsafeTarget(CLIError):
+    """The target of a write is a link, or exists and is not a regular file: nothing is written.
+
+    Exit code 2. A caller for which the target is optional (a cache entry) catches it and goes on.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_USAGE, help_hint=False)
+
+
+def check_target(target: Path | str, *, label: Path | str | None = None, folder: bool = False) -> os.stat_result | None:
+    """The ``lstat`` of a write's target, or ``None`` when it does not exist.
+
+    Raises:
+        UnsafeTarget: ``target`` is a symbolic link (dangling or not: it is never followed), or
+            exists and is not a regular file (with ``folder``: not a folder).
+    """
+    try:
+        info = os.lstat(target)
+    except FileNotFoundError:
+        return None
+    name = shown(label or target)
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeTarget(f"{name} is a symbolic link: refusing to write through it (remove the link or "
+                           f"choose another name)")
+    if not (stat.S_ISDIR(info.st_mode) if folder else stat.S_ISREG(info.st_mode)):
+        raise UnsafeTarget(f"{name} exists and is a {file_kind(info.st_mode)}, not a "
+                           f"{'folder' if folder else 'regular file'}: refusing to replace it")
+    return info
 
 
 def shown(path: Path | str) -> str:
@@ -121,15 +156,22 @@ def check_output(output: Path, inputs: Sequence[Path], reads: Sequence[Path] = (
     refuse_over_inputs(output, inputs, reads, folder=folder, report=report)
     with output_errors(output):
         target = Path(os.path.realpath(output))
-        exists = os.path.lexists(output)
+        info = os.lstat(output) if os.path.lexists(output) else None
         if not os.path.isdir(target.parent):
             raise CLIError(f"cannot write {shown(output)}: the folder {shown(target.parent)} does not exist",
                            EXIT_OUTPUT)
-        if folder and exists and not (os.path.isdir(target) and not os.listdir(target)):
+        if info is not None and stat.S_ISLNK(info.st_mode):
+            raise CLIError(f"--output {shown(output)} is a symbolic link: refusing to write through it (remove the "
+                           f"link or give another name)", EXIT_USAGE, help_hint=False)
+        if folder and info is not None and not (stat.S_ISDIR(info.st_mode) and not os.listdir(output)):
             raise CLIError(f"--output {shown(output)} already exists: the output folder must be new or empty "
                            f"(nothing in an existing folder is replaced)", EXIT_USAGE, help_hint=False)
-        if not folder and os.path.isdir(target):
+        if not folder and info is not None and stat.S_ISDIR(info.st_mode):
             raise CLIError(f"--output {shown(output)} is a folder; give a file name", EXIT_USAGE, help_hint=False)
+        if not folder and info is not None and not stat.S_ISREG(info.st_mode):
+            raise CLIError(f"--output {shown(output)} is a {file_kind(info.st_mode)}, not a regular file: refusing "
+                           f"to replace it (to print, leave out --output)", EXIT_USAGE, help_hint=False)
+    remove_stale_temps(Path(output).parent)  # what a killed run (SIGKILL) left beside this output
 
 
 def refuse_over_inputs(output: Path, inputs: Sequence[Path], reads: Sequence[Path] = (), *, folder: bool = False,
@@ -162,36 +204,46 @@ def _refuse(output: Path, why: str) -> None:
 def atomic_write(target: Path, write: Callable[[Path], object], *, label: Path | None = None) -> None:
     """Write ``target`` by ``write(temporary path)`` in its folder, then fsync and rename it into place.
 
-    The temporary file has a short ASCII name (``.farms-tmp-<hex><suffix>``, the target's suffix kept
-    when short, for writers that read the format from it) and the permissions a plain write would
-    give: those of the file it replaces, else ``0666`` less the umask. A symlink at ``target`` is
-    followed, so the file it points to is replaced. ``label`` names the output in error messages.
+    The temporary file (created exclusively, in a new private folder beside ``target``, see
+    :func:`~farms_lightning.files.temp_files.create_temp`) keeps the target's suffix when short, for
+    writers that read the format from it, and gets the permissions a plain write would give: those of
+    the file it replaces, else ``0666`` less the umask. The rename is onto the name ``target`` in its
+    own folder: a link is never followed, and a target that is a link or not a regular file is
+    refused before anything is written. ``label`` names the output in error messages.
 
     Raises:
-        CLIError: exit 5 when anything fails; the previous ``target`` is intact, nothing is left over.
+        UnsafeTarget: exit 2, ``target`` is a link or a special file (see :func:`check_target`).
+        CLIError: exit 5 when anything else fails; the previous ``target`` is intact, nothing is left over.
     """
+    target = Path(target)
     with output_errors(label or target):
-        final = Path(os.path.realpath(target))
-        tmp = _create_temp(final.parent, final.suffix)
+        old = check_target(target, label=label)
+        tmp: Path | None = None
         try:
+            tmp = create_temp(target.parent, target.suffix)
             write(tmp)
-            with contextlib.suppress(FileNotFoundError):  # after writing: the old mode may be read-only
-                os.chmod(tmp, stat.S_IMODE(os.stat(final).st_mode))
+            if old is not None:  # after writing: the old mode may be read-only
+                os.chmod(tmp, stat.S_IMODE(old.st_mode))
             _fsync(tmp)
-            os.replace(tmp, final)
+            os.replace(tmp, target)
         except BaseException:
-            _remove(tmp)
+            if tmp is not None:
+                remove_temp(tmp)
             raise
-        _sync_folder(final.parent)
+        remove_temp(tmp.parent)  # the private folder, empty now
+        _sync_folder(target.parent)
 
 
 def write_text(target: Path, text: str) -> None:
-    """:func:`atomic_write` of UTF-8 text."""
-    atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """:func:`atomic_write` of UTF-8 text; what UTF-8 cannot encode (a lone surrogate in a tensor
+    name) is written as a backslash escape, ``\\udce9``."""
+    atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace"))
 
 
 def write_stdout(text: str) -> None:
     """Print ``text``; a closed pipe (``... | head``) or a full disk behind a redirection exits 5."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    text = text.encode(encoding, "backslashreplace").decode(encoding)  # e.g. a lone surrogate in a tensor name
     try:
         with output_errors("the standard output"):
             sys.stdout.write(text)
@@ -227,65 +279,21 @@ def atomic_folder(target: Path) -> Iterator[Path]:
 def new_folder_beside(target: Path) -> Path:
     """A new empty temporary folder in ``target``'s folder (same file system: the rename is atomic)."""
     with output_errors(target):
-        return _create_temp(Path(os.path.realpath(target)).parent, "", folder=True)
+        return create_temp(Path(target).parent, "", folder=True)
 
 
 def commit_folder(tmp: Path, target: Path) -> None:
     """Rename the filled folder ``tmp`` to ``target`` (an empty folder there is replaced; exit 5 else)."""
     with output_errors(target):
-        final = Path(os.path.realpath(target))
+        check_target(target, folder=True)  # a link put there meanwhile is replaced by no rename, never followed
         _sync_folder(tmp)
-        os.replace(tmp, final)  # replaces an empty folder; a non-empty one is an error (ENOTEMPTY)
-        _sync_folder(final.parent)
+        os.replace(tmp, target)  # replaces an empty folder; a non-empty one is an error (ENOTEMPTY)
+        _sync_folder(Path(target).parent)
 
 
 def discard(tmp: Path) -> None:
     """Remove a temporary file or folder, quietly (it is being given up after another error)."""
-    _remove(tmp)
-
-
-def copy_into(source: Path, destination: Path, *, label: Path | None = None) -> None:
-    """Copy a file or folder tree (following links); reads map to exit 3, writes to exit 5."""
-    with input_errors(source):
-        is_dir = source.is_dir()
-    if is_dir:
-        with output_errors(label or destination):
-            os.mkdir(destination)
-        with input_errors(source):
-            children = sorted(source.iterdir())
-        for child in children:
-            copy_into(child, destination / child.name, label=(label or destination) / child.name)
-        return
-    with input_errors(source), open(source, "rb") as reader:
-        with output_errors(label or destination), open(destination, "wb") as writer:
-            while True:
-                with input_errors(source):
-                    chunk = reader.read(_CHUNK)
-                if not chunk:
-                    break
-                with output_errors(label or destination):
-                    writer.write(chunk)
-            with output_errors(label or destination):
-                writer.flush()
-                os.fsync(writer.fileno())
-    with output_errors(label or destination):
-        shutil.copystat(source, destination)
-
-
-def _create_temp(parent: Path, suffix: str, *, folder: bool = False) -> Path:
-    """A new file (or folder) in ``folder`` with a unique short name, permissions from the umask."""
-    suffix = suffix if suffix.isascii() and len(suffix) <= 16 else ""
-    for _ in range(100):
-        path = parent / f"{TEMP_PREFIX}{secrets.token_hex(4)}{suffix}"
-        try:
-            if folder:
-                os.mkdir(path, 0o777)  # the umask applies, as to a plain mkdir
-            else:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(parent))
+    remove_temp(tmp)
 
 
 def _fsync(path: Path) -> None:
@@ -302,11 +310,3 @@ def _sync_folder(path: Path) -> None:
     some file systems refuse, and a folder without read permission cannot be opened)."""
     with contextlib.suppress(OSError):
         _fsync(path)
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.remove(path)

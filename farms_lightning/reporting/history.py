@@ -9,6 +9,7 @@ two log the same keys and save the same files.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
 from farms_lightning.engine.report import FARMSReport
+from farms_lightning.files import strict_json
+from farms_lightning.files.safe_io import write_text
+from farms_lightning.files.temp_files import remove_stale_temps
 
 HISTORY_FORMATS = ("json", "csv")
 #: Summary keys that count layers (charted apart from the alpha-scale summary values).
@@ -63,19 +67,30 @@ def history_path(folder: str | os.PathLike, prefix: str, fmt: str) -> Path:
 
 
 def write_history(history: History, path: str | os.PathLike) -> None:
-    """Write ``history`` as JSON (the entries) or CSV (one row per layer and analysis), by suffix."""
+    """Write ``history`` as JSON (the entries) or CSV (one row per layer and analysis), by suffix.
+
+    The file is replaced atomically (a reader, or a crash, sees the old file or the new one, never half
+    of one); JSON is strict, ``null`` for a NaN. A ``path`` that is a symbolic link or not a regular
+    file is refused (:class:`~farms_lightning.files.safe_io.UnsafeTarget`), never written through.
+
+    Raises:
+        CLIError: (:mod:`farms_lightning.files.safe_io`) the file cannot be written, or is a link or
+            a special file; the previous file is intact.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)  # what a killed run left (its process gone): log folders are small
     if path.suffix == ".json":
-        with open(path, "w") as f:
-            json.dump(history, f, indent=1)
+        write_text(path, strict_json.dumps(history, indent=1))
         return
     rows = [{"stage": h["stage"], "epoch": h["epoch"], "step": h["step"], **row}
             for h in history for row in h["layers"]]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["stage", "epoch", "step"])
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["stage", "epoch", "step"],
+                            lineterminator="\r\n")  # the csv module's own line ending, as before
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
 
 
 def load_history(source: Union[History, str, os.PathLike]) -> History:
