@@ -127,3 +127,81 @@ def test_csv_layer_names_stay_text(tmp_path):
     write_history(history, tmp_path / "h.csv")
     names = [row["name"] for h in load_history(tmp_path / "h.csv") for row in h["layers"]]
     assert names == ["0", ""]
+
+
+# ----------------------------------------------------------------- item 8: callback states on resume
+#: (id, a checkpointed callback state, words of the one-line error)
+HOSTILE_STATES = [
+    ("junk", "junk", "is not this callback's"),
+    ("empty state", {}, "is not this callback's"),
+    ("null history", {"history": None, "pending": None}, "history is not a FARMS history"),
+    ("non-dict entries", {"history": [1, 2], "pending": None}, "analysis 0 is not an object"),
+    ("entries without layers", {"history": [{"stage": "epoch", "epoch": 0, "step": 4}], "pending": None},
+     "lacks 'layers'"),
+    ("pending epoch NaN", {"history": GOOD, "pending": {"epoch": float("nan"), "step": 8}}, "epoch nan"),
+    ("pending epoch -5", {"history": GOOD, "pending": {"epoch": -5, "step": 8}}, "epoch -5"),
+    ("pending junk", {"history": GOOD, "pending": "soon"}, "pending analysis is 'soon'"),
+]
+
+
+@pytest.fixture(params=HOSTILE_STATES, ids=[case[0] for case in HOSTILE_STATES])
+def hostile_state(request):
+    return copy.deepcopy(request.param[1]), request.param[2]
+
+
+@pytest.mark.parametrize("kind", ["FARMSCallback", "FARMSLRBalancer"])
+def test_lightning_callbacks_refuse_a_hostile_state_and_keep_their_own(hostile_state, kind):
+    import farms_lightning
+
+    state, words = hostile_state
+    callback = getattr(farms_lightning, kind)()
+    callback.history = [GOOD[0]]
+    with pytest.raises(ValueError) as error:
+        callback.load_state_dict(state)
+    assert words in str(error.value) and kind in str(error.value) and "\n" not in str(error.value)
+    assert callback.history == [GOOD[0]] and callback._pending is None  # nothing restored
+
+
+@pytest.mark.parametrize("factors, words", [("x", "str, not an object"), ({"l1": "2"}, "factor '2'"),
+                                            ({"l1": float("nan")}, "factor nan"), ({"l1": -1.0}, "factor -1.0"),
+                                            ({"l1": None}, "factor None")])
+def test_lr_balancer_refuses_hostile_factors(factors, words):
+    from farms_lightning import FARMSLRBalancer
+
+    balancer = FARMSLRBalancer()
+    with pytest.raises(ValueError, match="lr_factors") as error:
+        balancer.load_state_dict({"history": GOOD, "pending": None, "lr_factors": factors})
+    assert words in str(error.value)
+    assert balancer.lr_factors == {} and balancer.history == []
+    balancer.load_state_dict({"history": GOOD, "pending": {"epoch": 1, "step": 8}, "lr_factors": {"l1": 1.25}})
+    assert balancer.lr_factors == {"l1": 1.25} and balancer._pending == {"epoch": 1, "step": 8}
+
+
+def test_a_tampered_lightning_checkpoint_fails_before_any_step(tmp_path):
+    """The whole path: a checkpoint whose callback state lost its rows fails in ``fit`` at restore time."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning_helpers import TinyNet, loaders, trainer
+
+    from farms_lightning import FARMSCallback
+
+    pl.seed_everything(0, verbose=False)
+    saver = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer(tmp_path, max_epochs=1, callbacks=[FARMSCallback(), saver]).fit(TinyNet(), *loaders())
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("FARMSCallback")]
+    for entry in checkpoint["callbacks"][key]["history"]:
+        del entry["layers"]
+    torch.save(checkpoint, tmp_path / "tampered.ckpt")
+
+    class CountSteps(pl.Callback):
+        steps = 0
+
+        def on_train_batch_end(self, *args):
+            CountSteps.steps += 1
+
+    resumed = trainer(tmp_path, max_epochs=2, callbacks=[FARMSCallback(), CountSteps()])
+    with pytest.raises(ValueError, match="lacks 'layers'"):
+        resumed.fit(TinyNet(), *loaders(), ckpt_path=str(tmp_path / "tampered.ckpt"))
+    assert CountSteps.steps == 0

@@ -162,6 +162,37 @@ def validate_history(value: Any, what: str = "the history") -> History:
     return list(value)
 
 
+def validate_pending(value: Any, what: str = "the pending analysis") -> dict[str, int] | None:
+    """A due analysis remembered by a checkpoint: ``None`` or ``{"epoch": int >= 0, "step": int >= 0}``.
+
+    Raises:
+        ValueError: anything else, in one line naming ``what``.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"epoch", "step"}:
+        raise ValueError(f"{what} is {_short(value)}; expected null or an object with epoch and step")
+    for key in ("epoch", "step"):
+        if not _is_int(value[key]) or value[key] < 0:
+            raise ValueError(f"{what} has {key} {_short(value[key])}; expected an integer >= 0")
+    return dict(value)
+
+
+def validate_factors(value: Any, what: str = "the LR factors") -> dict[str, float]:
+    """Learning-rate factors by layer name: a dict of strings to finite numbers > 0.
+
+    Raises:
+        ValueError: anything else, in one line naming ``what``.
+    """
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is {_kind(value)}, not an object of layer names to factors")
+    for name, factor in value.items():
+        if not isinstance(name, str) or not _is_number_or_none(factor) or factor is None \
+                or not math.isfinite(factor) or factor <= 0:
+            raise ValueError(f"{what}: {_short(name)} has factor {_short(factor)}; expected a finite number > 0")
+    return {name: float(factor) for name, factor in value.items()}
+
+
 def _validate_row(row: Any, where: str) -> None:
     if not isinstance(row, dict):
         raise ValueError(f"{where} is not an object (got {_kind(row)})")
