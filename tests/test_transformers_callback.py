@@ -260,3 +260,66 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, restore_flag):
     # The log of step 11 carries the analysis of step 8, pending at the checkpoint (logs every 11 steps).
     assert farms_logs(trainer) == farms_logs(full_trainer)
     assert farms_logs(trainer)[0]["farms/alpha_mean"] == full.history[2]["summary"]["alpha_mean"]
+
+
+def _saved_entry(**changes):
+    from farms_lightning.engine.analysis import resolve_settings
+    from farms_lightning.integrations.trainer_state import CallbackState, export_state
+
+    history = [{"stage": "step", "epoch": 0, "step": 4, "time_s": 0.1, "summary": {"alpha_mean": float("nan")},
+                "layers": [{"name": "l1", "status": "ok", "alpha": 2.0}]}]
+    entry = export_state(CallbackState(history, {"l1": 1.2}, {"farms/alpha_mean": 2.0}, set()), resolve_settings("cv"))
+    import json
+
+    value = json.loads(entry["json"])
+    value.update(changes)
+    return {**entry, "json": json.dumps(value)}
+
+
+#: (id, a hostile stateful_callbacks entry, words of the one-line error)
+HOSTILE_HF_STATES = [
+    ("junk", "junk", "not this callback's state"),
+    ("another format", {"format": "x/9", "json": "{}"}, "not this callback's state"),
+    ("deep", {"format": "farms_lightning.FARMSTrainerCallback/1", "json": "[" * 1000 + "]" * 1000}, "nests 1000"),
+    ("empty", {"format": "farms_lightning.FARMSTrainerCallback/1", "json": "{}"}, "expected the fields"),
+    ("null history", _saved_entry(history=None), "got null"),
+    ("non-dict entries", _saved_entry(history=[1]), "analysis 0 is not an object"),
+    ("no layers", _saved_entry(history=[{"stage": "step", "epoch": 0, "step": 4}]), "lacks 'layers'"),
+    ("step -5", _saved_entry(history=[{"stage": "step", "epoch": 0, "step": -5, "layers": []}]), "step -5"),
+    ("bad factor", _saved_entry(lr_factors={"l1": "big"}), "factor 'big'"),
+    ("bad pending", _saved_entry(pending={"k": "v"}), "pending values"),
+    ("other settings", _saved_entry(settings={"preset": "llm"}), "other analysis settings"),
+]
+
+
+@pytest.fixture(params=HOSTILE_HF_STATES, ids=[case[0] for case in HOSTILE_HF_STATES])
+def hostile_hf_state(request):
+    return request.param[1], request.param[2]
+
+
+def test_import_state_refuses_hostile_entries_in_one_line(hostile_hf_state):
+    from farms_lightning.engine.analysis import resolve_settings
+    from farms_lightning.integrations.trainer_state import import_state
+
+    entry, words = hostile_hf_state
+    with pytest.raises(ValueError, match="^the state") as error:
+        import_state(entry, "the state", resolve_settings("cv"), 10)
+    assert words in str(error.value) and "\n" not in str(error.value)
+    restored = import_state(_saved_entry(), "the state", resolve_settings("cv", dtype="float64"), 10)
+    assert restored.lr_factors == {"l1": 1.2} and restored.history[0]["summary"] == {"alpha_mean": None}
+    assert import_state(_saved_entry(), "the state", resolve_settings("cv"), 3).history == []  # rewound
+
+
+@pytest.mark.slow
+def test_a_tampered_trainer_checkpoint_fails_before_any_step_and_keeps_the_history_file(tmp_path):
+    import json
+
+    _resumable_run(tmp_path, stop_at=10)
+    state_file = tmp_path / "checkpoint-10" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["stateful_callbacks"]["FARMSTrainerCallback:farms"] = HOSTILE_HF_STATES[6][1]  # entries without layers
+    state_file.write_text(json.dumps(state))
+    before = (tmp_path / "farms_history.json").read_bytes()
+    with pytest.raises(ValueError, match="lacks 'layers'"):
+        _resumable_run(tmp_path, resume=str(state_file.parent))
+    assert (tmp_path / "farms_history.json").read_bytes() == before
