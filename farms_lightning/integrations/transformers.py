@@ -116,8 +116,14 @@ class FARMSTrainerCallback(TrainerCallback):
             ``aspect_ratio``, ``windows_per_dim``, ``fit``, ``esd``, ``dtype`` as ``"float64"`` or
             ``"float32"``, ``min_eigenvalues``, ``peak_bound``, ...).
 
+    Every checkpoint the Trainer saves holds this callback's state (history, LR factors, values not yet
+    logged, analysis settings) in ``trainer_state.json``; ``trainer.train(resume_from_checkpoint=...)``
+    restores it into this callback, its history rewound to the checkpoint's step
+    (:mod:`~farms_lightning.integrations.trainer_state`).
+
     Raises:
-        ValueError: a bad argument or engine option.
+        ValueError: a bad argument or engine option; in ``on_train_begin`` of a resumed run, a
+            checkpointed state of a wrong form or made with other analysis settings.
 
     Example::
 

@@ -139,8 +139,8 @@ def plot_history(history_or_path: Union[History, str, os.PathLike], metric: str 
     ax.set_ylabel("layer (model order; grey: no value)", fontsize=9)
     fig.colorbar(image, ax=ax, label=_plain_text(metric))
     # alpha_delta: blue is a heavier tail than random matrices of the layer's shape (learned structure).
-    ax.set_title(f"{_plain_text(metric)} per layer" + (" (blue: heavier tail than random)" if metric == "alpha_delta" else ""),
-                 fontsize=10)
+    blue = " (blue: heavier tail than random)" if metric == "alpha_delta" else ""
+    ax.set_title(f"{_plain_text(metric)} per layer{blue}", fontsize=10)
     fig.tight_layout()
     return fig, ax
 
