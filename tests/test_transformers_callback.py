@@ -192,3 +192,137 @@ def test_bad_arguments():
                          ({"wndow": 3}, "engine option"), ({"lr_balance": True, "lr_min_ratio": 2.0}, "lr_min_ratio")]:
         with pytest.raises(ValueError, match=name):
             FARMSTrainerCallback(**kwargs)
+
+
+# ----------------------------------------------------------------- resume from a checkpoint (issue 22, items 5, 8)
+RESUME_STEPS = 12
+
+
+class StopAt(TrainerCallback):
+    """Ends training after ``step`` (the checkpoint of that step is saved first): an interrupted run."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _resumable_run(folder, stop_at=None, resume=None, restore_flag=False):
+    model = tiny_bert()
+    optimizer = RecordingAdamW(farms_param_groups(model, lr=1e-3, weight_decay=0.01))
+    farms = FARMSTrainerCallback(every_n_steps=4, lr_balance=True, save_history="json")
+    args = _args(folder, save_strategy="steps", save_steps=10, logging_steps=11,
+                 restore_callback_states_from_checkpoint=restore_flag)
+    trainer = Trainer(model=model, args=args, train_dataset=RandomText(8 * RESUME_STEPS),
+                      callbacks=[farms] + ([StopAt(stop_at)] if stop_at else []), optimizers=(optimizer, None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=resume)
+    return trainer, farms, optimizer
+
+
+def _without_time(history):
+    return [{k: v for k, v in entry.items() if k != "time_s"} for entry in history]
+
+
+def _history_file(folder):
+    import json
+
+    from farms_lightning.files.strict_json import finite
+
+    return _without_time(finite(json.loads((folder / "farms_history.json").read_text())))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("restore_flag", [False, True], ids=["default", "restore_callback_states"])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, restore_flag):
+    from farms_lightning.files.strict_json import finite
+
+    full_trainer, full, full_optimizer = _resumable_run(tmp_path / "full")
+    _, first, _ = _resumable_run(tmp_path / "part", stop_at=10)
+    assert (tmp_path / "part" / "checkpoint-10").is_dir() and first.history[-1]["step"] == 10  # went on past the save
+    trainer, resumed, optimizer = _resumable_run(tmp_path / "part", resume=str(tmp_path / "part" / "checkpoint-10"),
+                                                 restore_flag=restore_flag)
+    assert any(cb is resumed for cb in trainer.callback_handler.callbacks)  # the user's handle is the live one
+    steps = [(h["stage"], h["step"]) for h in full.history]
+    assert steps == [("train_start", 0), ("step", 4), ("step", 8), ("step", 12), ("epoch", 12)]
+    assert [(h["stage"], h["step"]) for h in resumed.history] == steps
+    assert _without_time(finite(resumed.history)) == _without_time(finite(full.history))
+    assert resumed.lr_factors == full.lr_factors and len(set(resumed.lr_factors.values())) > 2
+    # The LRs the optimizer used at steps 11 and 12: the factors of the analysis at step 8, not 1.
+    assert optimizer.used == full_optimizer.used[10:]
+    assert optimizer.used != [[g["lr"] for g in optimizer.param_groups]] * 2
+    assert _history_file(tmp_path / "part") == _history_file(tmp_path / "full")
+    # The values of the analyses after the checkpoint reach the same logs as in the uninterrupted run.
+    def farms_logs(t):
+        return [{k: v for k, v in log.items() if k.startswith("farms/") and k != "farms/time_s"}
+                for log in t.state.log_history if log.get("step", 0) > 10]
+
+    # The log of step 11 carries the analysis of step 8, pending at the checkpoint (logs every 11 steps).
+    assert farms_logs(trainer) == farms_logs(full_trainer)
+    assert farms_logs(trainer)[0]["farms/alpha_mean"] == full.history[2]["summary"]["alpha_mean"]
+
+
+def _saved_entry(**changes):
+    from farms_lightning.engine.analysis import resolve_settings
+    from farms_lightning.integrations.trainer_state import CallbackState, export_state
+
+    history = [{"stage": "step", "epoch": 0, "step": 4, "time_s": 0.1, "summary": {"alpha_mean": float("nan")},
+                "layers": [{"name": "l1", "status": "ok", "alpha": 2.0}]}]
+    entry = export_state(CallbackState(history, {"l1": 1.2}, {"farms/alpha_mean": 2.0}, set()), resolve_settings("cv"))
+    import json
+
+    value = json.loads(entry["json"])
+    value.update(changes)
+    return {**entry, "json": json.dumps(value)}
+
+
+#: (id, a hostile stateful_callbacks entry, words of the one-line error)
+HOSTILE_HF_STATES = [
+    ("junk", "junk", "not this callback's state"),
+    ("another format", {"format": "x/9", "json": "{}"}, "not this callback's state"),
+    ("deep", {"format": "farms_lightning.FARMSTrainerCallback/1", "json": "[" * 1000 + "]" * 1000}, "nests 1000"),
+    ("empty", {"format": "farms_lightning.FARMSTrainerCallback/1", "json": "{}"}, "expected the fields"),
+    ("null history", _saved_entry(history=None), "got null"),
+    ("non-dict entries", _saved_entry(history=[1]), "analysis 0 is not an object"),
+    ("no layers", _saved_entry(history=[{"stage": "step", "epoch": 0, "step": 4}]), "lacks 'layers'"),
+    ("step -5", _saved_entry(history=[{"stage": "step", "epoch": 0, "step": -5, "layers": []}]), "step -5"),
+    ("bad factor", _saved_entry(lr_factors={"l1": "big"}), "factor 'big'"),
+    ("bad pending", _saved_entry(pending={"k": "v"}), "pending values"),
+    ("other settings", _saved_entry(settings={"preset": "llm"}), "other analysis settings"),
+]
+
+
+@pytest.fixture(params=HOSTILE_HF_STATES, ids=[case[0] for case in HOSTILE_HF_STATES])
+def hostile_hf_state(request):
+    return request.param[1], request.param[2]
+
+
+def test_import_state_refuses_hostile_entries_in_one_line(hostile_hf_state):
+    from farms_lightning.engine.analysis import resolve_settings
+    from farms_lightning.integrations.trainer_state import import_state
+
+    entry, words = hostile_hf_state
+    with pytest.raises(ValueError, match="^the state") as error:
+        import_state(entry, "the state", resolve_settings("cv"), 10)
+    assert words in str(error.value) and "\n" not in str(error.value)
+    restored = import_state(_saved_entry(), "the state", resolve_settings("cv", dtype="float64"), 10)
+    assert restored.lr_factors == {"l1": 1.2} and restored.history[0]["summary"] == {"alpha_mean": None}
+    assert import_state(_saved_entry(), "the state", resolve_settings("cv"), 3).history == []  # rewound
+
+
+@pytest.mark.slow
+def test_a_tampered_trainer_checkpoint_fails_before_any_step_and_keeps_the_history_file(tmp_path):
+    import json
+
+    _resumable_run(tmp_path, stop_at=10)
+    state_file = tmp_path / "checkpoint-10" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["stateful_callbacks"]["FARMSTrainerCallback:farms"] = HOSTILE_HF_STATES[6][1]  # entries without layers
+    state_file.write_text(json.dumps(state))
+    before = (tmp_path / "farms_history.json").read_bytes()
+    with pytest.raises(ValueError, match="lacks 'layers'"):
+        _resumable_run(tmp_path, resume=str(state_file.parent))
+    assert (tmp_path / "farms_history.json").read_bytes() == before

@@ -304,8 +304,8 @@ def run_plot(args: argparse.Namespace) -> int:
     with input_errors(args.path):
         try:
             history = load_history(args.path)
-        except (ValueError, KeyError, UnicodeDecodeError) as error:
-            raise CLIError(f"cannot read a history from {shown(args.path)}: {_first_line(error)}", EXIT_INPUT) from None
+        except ValueError as error:  # validated: the message names the file and what is wrong in it
+            raise CLIError(f"cannot read {_first_line(error)}", EXIT_INPUT) from None
     if not history:
         raise CLIError(f"{shown(args.path)} holds no analysis", EXIT_EMPTY)
     try:

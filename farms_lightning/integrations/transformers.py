@@ -18,6 +18,7 @@ from transformers.trainer_callback import CallbackHandler, PrinterCallback, Prog
 from farms_lightning.engine.analysis import resolve_settings
 from farms_lightning.engine.distributed import analyze_distributed
 from farms_lightning.engine.report import FARMSReport
+from farms_lightning.integrations.trainer_state import CallbackState, export_state, import_state, state_key
 from farms_lightning.models.layers import validate_discovery_args
 from farms_lightning.policies.lr_scaling import ParamGroupLRScaler
 from farms_lightning.policies.tempbalance import layer_parameters, parameter_factors, validate_mapping_args
@@ -115,8 +116,14 @@ class FARMSTrainerCallback(TrainerCallback):
             ``aspect_ratio``, ``windows_per_dim``, ``fit``, ``esd``, ``dtype`` as ``"float64"`` or
             ``"float32"``, ``min_eigenvalues``, ``peak_bound``, ...).
 
+    Every checkpoint the Trainer saves holds this callback's state (history, LR factors, values not yet
+    logged, analysis settings) in ``trainer_state.json``; ``trainer.train(resume_from_checkpoint=...)``
+    restores it into this callback, its history rewound to the checkpoint's step
+    (:mod:`~farms_lightning.integrations.trainer_state`).
+
     Raises:
-        ValueError: a bad argument or engine option.
+        ValueError: a bad argument or engine option; in ``on_train_begin`` of a resumed run, a
+            checkpointed state of a wrong form or made with other analysis settings.
 
     Example::
 
@@ -212,8 +219,10 @@ class FARMSTrainerCallback(TrainerCallback):
                                                   split_qkv=self.split_qkv, lora=self.lora)
             # Accelerate wraps the optimizer; its step calls the torch optimizer's, where the hooks go.
             self._scaler.attach([getattr(optimizer, "optimizer", optimizer)])
+        self._restore(args, state)
         if self.analyze_on_train_start and state.global_step == 0 and not self.history:
             self._run(args, state, model, "train_start", 0)
+        self._publish(state)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         step = state.global_step
@@ -235,6 +244,7 @@ class FARMSTrainerCallback(TrainerCallback):
         if not self.print_layers and self._place_console_filter():
             self._console_filter.hide = set(self._pending_per_layer)
         self._pending, self._pending_per_layer = {}, set()
+        self._publish(state)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._scaler.detach()
@@ -271,6 +281,35 @@ class FARMSTrainerCallback(TrainerCallback):
         self.history.append(entry)
         self._pending.update(scalars)
         self._pending_per_layer |= per_layer
+        self._write_history(args, state)
+        self._publish(state)
+
+    # ----------------------------------------------------------------- checkpointed state
+    def _restore(self, args: Any, state: Any) -> None:
+        """On a resume, take the history, LR factors and pending values from the checkpoint's
+        ``trainer_state.json`` (the Trainer loads it whatever ``restore_callback_states_from_checkpoint``
+        says) into this very callback, and rewrite the history file as it was at the checkpoint."""
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(state_key(self.prefix))
+        if saved is None:  # a fresh run, or a checkpoint of a version that saved no state
+            return
+        restored = import_state(saved, f"FARMSTrainerCallback state {state_key(self.prefix)!r} in the checkpoint",
+                                self.settings, state.global_step)
+        self.history, self._pending, self._pending_per_layer = restored.history, restored.pending, \
+            restored.pending_per_layer
+        self.lr_factors = restored.lr_factors if self.lr_balance else {}
+        if self.lr_factors and self._layer_params:
+            self._scaler.set_parameter_factors({id(p): f for name, f in self.lr_factors.items()
+                                                for p in self._layer_params.get(name, [])})
+        self._write_history(args, state)
+
+    def _publish(self, state: Any) -> None:
+        """Put the current state where the Trainer's next checkpoint saves it."""
+        stored = getattr(state, "stateful_callbacks", None)
+        if isinstance(stored, dict):
+            stored[state_key(self.prefix)] = export_state(
+                CallbackState(self.history, self.lr_factors, self._pending, self._pending_per_layer), self.settings)
+
+    def _write_history(self, args: Any, state: Any) -> None:
         if self.save_history and state.is_world_process_zero:
             write_history(self.history, history_path(args.output_dir, self.prefix, self.save_history))
 

@@ -13,10 +13,12 @@ import io
 import json
 import math
 import os
+import stat
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
-from farms_lightning.engine.report import FARMSReport
+from farms_lightning.engine.report import FARMSReport, LayerStats
 from farms_lightning.files import strict_json
 from farms_lightning.files.safe_io import write_text
 from farms_lightning.files.temp_files import remove_stale_temps
@@ -25,6 +27,16 @@ HISTORY_FORMATS = ("json", "csv")
 #: Summary keys that count layers (charted apart from the alpha-scale summary values).
 COUNT_KEYS = ("num_layers", "num_fitted", "num_looks_random", "num_too_small", "num_skipped", "num_failed",
               "num_under_trained", "num_over_trained")
+
+#: When an analysis was made: before training, at an epoch's end, after an optimizer step.
+STAGES = ("train_start", "epoch", "step")
+#: A layer row's ``status`` (``engine.report.LayerStats``).
+LAYER_STATUSES = ("ok", "skipped", "failed", "too_small")
+#: Row fields that hold a number or ``None`` (``name``, ``type``, ``shape``, ``status``, ``reason`` do not).
+NUMERIC_ROW_FIELDS = tuple(f.name for f in fields(LayerStats) if f.name not in ("name", "type", "shape", "status",
+                                                                                "reason"))
+#: CSV columns kept as text (a layer named ``0`` is not the number 0, the whole model's ``""`` not null).
+_TEXT_COLUMNS = ("name", "type", "shape", "status", "reason")
 
 History = list[dict[str, Any]]
 
@@ -94,40 +106,171 @@ def write_history(history: History, path: str | os.PathLike) -> None:
 
 
 def load_history(source: Union[History, str, os.PathLike]) -> History:
-    """A history as saved by ``save_history``: the list itself, or a ``.json``/``.csv`` file.
+    """A history as saved by ``save_history``: the list itself, or a ``.json``/``.csv`` file, validated
+    (:func:`validate_history`).
 
-    CSV files hold the layer rows only; their entries get ``summary = {}`` and ``time_s = None``.
+    JSON is read strictly (:func:`~farms_lightning.files.strict_json.loads`: a depth bound, no
+    duplicate keys) but accepts the bare ``NaN`` that earlier versions wrote. CSV files hold the layer
+    rows only; their entries get ``summary = {}`` and ``time_s = None``. Only regular files are read:
+    a FIFO or a device is refused, never waited on.
 
     Raises:
-        ValueError: a file that is not a history.
+        ValueError: a file that is not a regular file, not a history, or a history of a wrong form
+            (one line that says what is wrong).
+        OSError: the file cannot be opened.
     """
     if not isinstance(source, (str, os.PathLike)):
-        return list(source)
+        return validate_history(source, "the history")
     path = Path(source)
+    data = _read_regular_file(path)
     if path.suffix.lower() == ".csv":
-        return _history_from_csv(path)
-    with open(path) as f:
-        try:
-            history = json.load(f)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not a JSON history: {error}") from None
-    if not isinstance(history, list) or not all(isinstance(h, dict) and "layers" in h for h in history):
-        raise ValueError(f"{path} is not a FARMS history (a list of analyses with 'layers')")
-    return history
+        return validate_history(_history_from_csv(path, data), f"history {path}")
+    history = strict_json.loads(data, f"history {path}", allow_nan=True)
+    return validate_history(history, f"history {path}")
 
 
-def _history_from_csv(path: Path) -> History:
+def validate_history(value: Any, what: str = "the history") -> History:
+    """``value`` checked to be a history: a list of analyses as :func:`history_entry` makes them.
+
+    Each entry is a dict with ``stage`` among :data:`STAGES`, ``epoch`` and ``step`` integers >= 0,
+    ``summary`` a dict of numbers (or ``None``), ``time_s`` a number or ``None``, ``layers`` a list of
+    rows, each a dict with a string ``name`` and a ``status`` among :data:`LAYER_STATUSES`, and its
+    numeric statistics numbers or ``None``; ``lr_factors``, where present, maps names to numbers.
+    Every loader uses it (callback states, the Hugging Face callback's state, history files), so a
+    tampered or foreign history fails where it is read, not an epoch later.
+
+    Returns:
+        The history as a new list (the entries themselves are not copied).
+
+    Raises:
+        ValueError: one line naming ``what`` and the first thing found wrong.
+    """
+    if not isinstance(value, list):
+        raise ValueError(f"{what} is not a FARMS history: a list of analyses, got {_kind(value)}")
+    for i, entry in enumerate(value):
+        where = f"{what}: analysis {i}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} is not an object (got {_kind(entry)})")
+        missing = [key for key in ("stage", "epoch", "step", "layers") if key not in entry]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(map(repr, missing))}")
+        if entry["stage"] not in STAGES:
+            raise ValueError(f"{where} has stage {_short(entry['stage'])}; expected one of {STAGES}")
+        for key in ("epoch", "step"):
+            if not _is_int(entry[key]) or entry[key] < 0:
+                raise ValueError(f"{where} has {key} {_short(entry[key])}; expected an integer >= 0")
+        if not _is_number_or_none(entry.get("time_s")):
+            raise ValueError(f"{where} has time_s {_short(entry['time_s'])}; expected a number or null")
+        for key in ("summary", "lr_factors"):
+            mapping = entry.get(key, {})
+            if not isinstance(mapping, dict):
+                raise ValueError(f"{where} has a {key} that is {_kind(mapping)}, not an object")
+            bad = next((k for k, v in mapping.items() if not _is_number_or_none(v)), None)
+            if bad is not None:
+                raise ValueError(f"{where}: {key} {bad!r} is {_short(mapping[bad])}, not a number")
+        if not isinstance(entry["layers"], list):
+            raise ValueError(f"{where} has layers that are {_kind(entry['layers'])}, not a list of rows")
+        for j, row in enumerate(entry["layers"]):
+            _validate_row(row, f"{where}, layer row {j}")
+    return list(value)
+
+
+def validate_pending(value: Any, what: str = "the pending analysis") -> dict[str, int] | None:
+    """A due analysis remembered by a checkpoint: ``None`` or ``{"epoch": int >= 0, "step": int >= 0}``.
+
+    Raises:
+        ValueError: anything else, in one line naming ``what``.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"epoch", "step"}:
+        raise ValueError(f"{what} is {_short(value)}; expected null or an object with epoch and step")
+    for key in ("epoch", "step"):
+        if not _is_int(value[key]) or value[key] < 0:
+            raise ValueError(f"{what} has {key} {_short(value[key])}; expected an integer >= 0")
+    return dict(value)
+
+
+def validate_factors(value: Any, what: str = "the LR factors") -> dict[str, float]:
+    """Learning-rate factors by layer name: a dict of strings to finite numbers > 0.
+
+    Raises:
+        ValueError: anything else, in one line naming ``what``.
+    """
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is {_kind(value)}, not an object of layer names to factors")
+    for name, factor in value.items():
+        if not isinstance(name, str) or not _is_number_or_none(factor) or factor is None \
+                or not math.isfinite(factor) or factor <= 0:
+            raise ValueError(f"{what}: {_short(name)} has factor {_short(factor)}; expected a finite number > 0")
+    return {name: float(factor) for name, factor in value.items()}
+
+
+def _validate_row(row: Any, where: str) -> None:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where} is not an object (got {_kind(row)})")
+    for key in ("name", "status"):
+        if not isinstance(row.get(key), str):
+            raise ValueError(f"{where} has no string {key!r} (got {_short(row.get(key))})")
+    if row["status"] not in LAYER_STATUSES:
+        raise ValueError(f"{where} has status {_short(row['status'])}; expected one of {LAYER_STATUSES}")
+    bad = next((k for k in NUMERIC_ROW_FIELDS if k in row and not _is_number_or_none(row[k])), None)
+    if bad is not None:
+        raise ValueError(f"{where} ({row['name']!r}) has {bad} {_short(row[bad])}, not a number")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path``, opened without blocking and checked on the open descriptor to be a
+    regular file (a FIFO would block the reader forever; a device never ends)."""
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(descriptor, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"history {path} is not a regular file (a FIFO, device or folder is not read)")
+        return f.read()
+
+
+def _history_from_csv(path: Path, data: bytes) -> History:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"history {path} is not UTF-8 text: {error.reason} at byte {error.start}") from None
     history: History = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        for row in reader:
             if not {"stage", "epoch", "step", "name"} <= set(row):
-                raise ValueError(f"{path} is not a FARMS history (needs stage, epoch, step and name columns)")
-            key = (row["stage"], int(row["epoch"]), int(row["step"]))
+                raise ValueError(f"history {path} is not a FARMS history (needs stage, epoch, step and name columns)")
+            if None in row or None in row.values():  # more or fewer fields than the header names
+                raise ValueError(f"history {path}, line {reader.line_num}: the row does not have the header's columns")
+            try:
+                key = (row["stage"], int(row["epoch"]), int(row["step"]))
+            except ValueError:
+                raise ValueError(f"history {path}, line {reader.line_num}: epoch {_short(row['epoch'])} or step "
+                                 f"{_short(row['step'])} is not an integer") from None
             if not history or (history[-1]["stage"], history[-1]["epoch"], history[-1]["step"]) != key:
                 history.append({"stage": key[0], "epoch": key[1], "step": key[2], "time_s": None, "summary": {},
                                 "layers": []})
-            history[-1]["layers"].append({k: _csv_value(v) for k, v in row.items()
+            history[-1]["layers"].append({k: v if k in _TEXT_COLUMNS else _csv_value(v) for k, v in row.items()
                                           if k not in ("stage", "epoch", "step")})
+    except csv.Error as error:  # e.g. a field over csv.field_size_limit() (128 KiB)
+        raise ValueError(f"history {path}, line {reader.line_num}: not a CSV history ({error})") from None
     return history
 
 

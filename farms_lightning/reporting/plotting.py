@@ -53,7 +53,7 @@ def plot_alphas(alphas: Union[FARMSReport, Mapping[str, float]], ax: Any = None,
                     fmt="_", color="black", ms=12, capsize=3, label="random-matrix alpha (range of draws)")
     if weightwatcher_band:
         ax.axhspan(2.0, 6.0, color="tab:green", alpha=0.1, label="2 ≤ alpha ≤ 6 (WeightWatcher, full ESD + ks)")
-    ax.set_xticks(range(len(names)), [n or "(model)" for n in names], rotation=90, fontsize=9)
+    ax.set_xticks(range(len(names)), [_plain_text(n or "(model)") for n in names], rotation=90, fontsize=9)
     ax.set_xlabel("layer (model order)")
     ax.set_ylabel("alpha")
     if baselines or weightwatcher_band:
@@ -87,7 +87,7 @@ def plot_esds(report: FARMSReport, max_layers: int = 16) -> Any:
         fraction = np.mean(ev >= xmin)
         ax.loglog(tail, fraction * (alpha - 1) / xmin * (tail / xmin) ** (-alpha), "r-", lw=1.2,
                   label=f"alpha={alpha:.2f}")
-        ax.set_title(name or "(model)", fontsize=8)
+        ax.set_title(_plain_text(name or "(model)"), fontsize=8)
         ax.set_xlabel("eigenvalue λ", fontsize=7)
         ax.set_ylabel("density", fontsize=7)
         ax.legend(fontsize=6)
@@ -132,14 +132,20 @@ def plot_history(history_or_path: Union[History, str, os.PathLike], metric: str 
     step = max(1, math.ceil(len(columns) / 30))  # at most ~30 column labels
     ax.set_xticks(range(0, len(columns), step), columns[::step], rotation=90 if len(columns) > 12 else 0,
                   fontsize=9)
-    ax.set_yticks(range(len(layers)), layers, fontsize=9)
+    ax.set_yticks(range(len(layers)), [_plain_text(name) for name in layers], fontsize=9)
     steps = any(label.startswith("s") for label in columns)
     ax.set_xlabel("init: before training, eN: end of epoch N (from 0)" + (", sN: step N" if steps else ""),
                   fontsize=9)
     ax.set_ylabel("layer (model order; grey: no value)", fontsize=9)
-    fig.colorbar(image, ax=ax, label=metric)
+    fig.colorbar(image, ax=ax, label=_plain_text(metric))
     # alpha_delta: blue is a heavier tail than random matrices of the layer's shape (learned structure).
-    ax.set_title(f"{metric} per layer" + (" (blue: heavier tail than random)" if metric == "alpha_delta" else ""),
-                 fontsize=10)
+    blue = " (blue: heavier tail than random)" if metric == "alpha_delta" else ""
+    ax.set_title(f"{_plain_text(metric)} per layer{blue}", fontsize=10)
     fig.tight_layout()
     return fig, ax
+
+
+def _plain_text(label: str) -> str:
+    """``label`` drawn as written: matplotlib reads text between two ``$`` as mathtext, so a layer
+    named ``$\\foo{$`` would fail to draw; an escaped ``\\$`` is drawn as a dollar sign."""
+    return label.replace("$", r"\$")

@@ -25,6 +25,8 @@ from farms_lightning.reporting.history import (
     history_path,
     layer_key,
     report_scalars,
+    validate_history,
+    validate_pending,
     write_history,
 )
 from farms_lightning.training import dashboard
@@ -237,8 +239,20 @@ class FARMSCallback(Callback):
         return {"history": self.history, "pending": pending}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = list(state_dict.get("history", []))
-        self._pending = state_dict.get("pending")
+        """Restore the history and a pending analysis from a checkpoint, validated first.
+
+        Raises:
+            ValueError: a state that is not this callback's (not a dict, no ``history``), a history
+                of a wrong form (:func:`~farms_lightning.reporting.history.validate_history`), or a
+                pending analysis whose epoch or step is not an integer >= 0. Nothing is restored then.
+        """
+        what = f"{type(self).__name__} state in the checkpoint"
+        if not isinstance(state_dict, dict) or "history" not in state_dict:
+            found = sorted(map(str, state_dict)) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"{what} is not this callback's: expected a dict with 'history', got {found}")
+        history = validate_history(state_dict["history"], f"{what}: history")
+        self._pending = validate_pending(state_dict.get("pending"), f"{what}: pending analysis")
+        self.history = history
 
     def _check_history_names(self, pl_module: pl.LightningModule) -> None:
         """Say once when a restored history names layers as an earlier version did."""

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from farms_lightning.engine.report import FARMSReport
 from farms_lightning.models.layers import renamed_layers
-from farms_lightning.reporting.history import layer_key
+from farms_lightning.reporting.history import layer_key, validate_factors
 from farms_lightning.policies.lr_scaling import ParamGroupLRScaler
 from farms_lightning.policies.tempbalance import layer_parameters, parameter_factors, validate_mapping_args
 from farms_lightning.training.callback import FARMSCallback
@@ -111,8 +111,16 @@ class FARMSLRBalancer(FARMSCallback):
         return {**super().state_dict(), "lr_factors": dict(self.lr_factors)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the history, a pending analysis and the LR factors, validated first.
+
+        Raises:
+            ValueError: a state of a wrong form (see :meth:`FARMSCallback.load_state_dict`), or LR
+                factors that are not finite numbers > 0 by layer name. Nothing is restored then.
+        """
+        factors = validate_factors(state_dict.get("lr_factors", {}) if isinstance(state_dict, dict) else {},
+                                   f"{type(self).__name__} state in the checkpoint: lr_factors")
         super().load_state_dict(state_dict)
-        self.lr_factors = dict(state_dict.get("lr_factors", {}))
+        self.lr_factors = factors
 
     def _follow_renames(self) -> None:
         """Factors restored from a checkpoint of an earlier version, under the names layers have now."""
