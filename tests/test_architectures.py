@@ -177,7 +177,8 @@ def test_resumed_callbacks_with_old_names_say_so_and_keep_working():
     model.fc = nn.Linear(64, 64)
     callback = FARMSCallback()
     callback.load_state_dict({"history": [{"stage": "epoch", "epoch": 0, "step": 4, "summary": {},
-                                           "layers": [{"name": "c_attn"}, {"name": "fc"}]}]})
+                                           "layers": [{"name": "c_attn", "status": "ok"},
+                                                      {"name": "fc", "status": "ok"}]}]})
     with pytest.warns(UserWarning, match="c_attn -> c_attn.q, c_attn.k, c_attn.v"):
         callback._check_history_names(model)
     balancer = FARMSLRBalancer()

@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from farms_lightning import FARMSCallback, analyze
+from farms_lightning.files import strict_json
 from farms_lightning.reporting.plotting import plot_history
 from farms_lightning.training.dashboard import log_figure
 
@@ -97,7 +98,7 @@ def test_layout_heatmap_and_steps_read_back_from_tensorboard(tmp_path):
     assert "farms_full/alpha_heatmap" in events.Tags()["images"] and "farms_full/esd" not in events.Tags()["images"]
     # History files are named by prefix; the full-ESD alphas differ from the FARMS ones.
     with open(f"{logger.log_dir}/farms_history.json") as f:
-        assert json.load(f) == json.loads(json.dumps(main.history))
+        assert json.load(f) == json.loads(strict_json.dumps(main.history))  # NaN written as null
     assert (tmp_path / "tb" / "version_0" / "farms_full_history.csv").exists()
     assert main.history[-1]["summary"]["alpha_mean"] != full.history[-1]["summary"]["alpha_mean"]
 

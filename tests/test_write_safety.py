@@ -295,7 +295,7 @@ def test_a_lost_rank_is_one_line(monkeypatch):
 
 def test_history_files_are_strict_json_atomic_and_never_through_a_link(tmp_path, monkeypatch):
     history = [{"stage": "epoch", "epoch": 0, "step": 5, "time_s": 0.1, "summary": {"alpha_mean": math.nan},
-                "layers": [{"name": "enc", "alpha": math.nan, "D": 0.1}]}]
+                "layers": [{"name": "enc", "status": "ok", "alpha": math.nan, "D": 0.1}]}]
     path = tmp_path / "logs" / "farms_history.json"
     write_history(history, path)
     data = strict_json.loads(path.read_text(), "history")  # no NaN accepted: the file is standard JSON
