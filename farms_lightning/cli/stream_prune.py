@@ -105,10 +105,13 @@ def _write_file(checkpoint: Checkpoint, shard: str, sparsities: dict[str, float]
         keys, metadata = checkpoint.weights.files[shard]
         specs = {key: checkpoint.weights.state_dict[key] for key in keys}
         with input_errors(source), SafetensorsFile(source) as file:
+            # Dtypes the analysis cannot use (C64, F4, ...) are copied as their stored bytes, unpruned.
+            raw = {key: file.stored(key) for key in keys if key in checkpoint.weights.unusable}
+
             def load(key: str) -> torch.Tensor:
                 with input_errors(source):
-                    tensor = file.get_tensor(key)
-                if key in names:
+                    tensor = file.get_raw(key) if key in raw else file.get_tensor(key)
+                if key in names and key not in raw:
                     parts = names[key]
                     # Under the layers' own key (a tied alias names the stored tensor differently).
                     shell = model_from_state_dict({checkpoint.keys[parts[0]]: tensor})
@@ -117,7 +120,8 @@ def _write_file(checkpoint: Checkpoint, shard: str, sparsities: dict[str, float]
                     release_freed_memory()  # the sort's buffers
                 return tensor
 
-            atomic_write(target, lambda tmp: save_safetensors(specs, tmp, metadata, load=load), label=label)
+            atomic_write(target, lambda tmp: save_safetensors(specs, tmp, metadata, load=load, raw=raw),
+                         label=label)
         return achieved
     tensors, container = read_torch(source, checkpoint.trust_pickle, mmap=True)
     # The shard's own tensors: tied keys share memory here, and the pruner prunes each memory once.
