@@ -35,6 +35,7 @@ from farms_lightning.files.safe_io import (
     reason,
     shown,
 )
+from farms_lightning.files import strict_json
 from farms_lightning.files.safetensors_file import SafetensorsFile, save_safetensors
 
 __all__ = ["EXIT_INPUT", "EXIT_OUTPUT", "CLIError", "Weights", "load_weights", "save_weights", "sniff_format"]
@@ -169,7 +170,12 @@ def _load_folder(path: Path, trust_pickle: bool, lazy: bool = False) -> Weights:
 
 
 def _read_index(entries: list[Path], suffixes: tuple[str, ...]) -> tuple[dict[str, str] | None, list[Path]]:
-    """The merged ``weight_map`` of the folder's ``*.index.json`` files for shards with ``suffixes``."""
+    """The merged ``weight_map`` of the folder's ``*.index.json`` files for shards with ``suffixes``.
+
+    An index is an input like any other: one that is not strict JSON, not an object, has no
+    ``weight_map`` object, or maps a key to anything but a shard file name of this folder is exit 3
+    with the reason (an index of the other format, all its names ending so, is left to that format).
+    """
     weight_map: dict[str, str] = {}
     used = []
     for file in entries:
@@ -178,15 +184,17 @@ def _read_index(entries: list[Path], suffixes: tuple[str, ...]) -> tuple[dict[st
         with input_errors(file):
             text = file.read_bytes()
         try:
-            data = json.loads(text)
+            data = strict_json.loads(text, "the file")
         except ValueError as error:
             raise CLIError(f"cannot read {shown(file)} as a shard index: {error}", EXIT_INPUT) from None
         mapping = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(mapping, dict) or not mapping:
-            continue
-        if not all(isinstance(v, str) for v in mapping.values()):
-            raise CLIError(f"{shown(file)}: weight_map values must be shard file names", EXIT_INPUT)
-        if not all(Path(v).suffix in suffixes for v in mapping.values()):
+            what = "is not a JSON object" if not isinstance(data, dict) else "has no weight_map object (or it is empty)"
+            raise CLIError(f"cannot read {shown(file)} as a shard index: it {what}", EXIT_INPUT)
+        kinds = {_shard_kind(file, key, shard) for key, shard in mapping.items()}
+        if len(kinds) > 1:
+            raise CLIError(f"{shown(file)} maps keys to both safetensors and torch shards", EXIT_INPUT)
+        if kinds != {"safetensors" if ".safetensors" in suffixes else "torch"}:
             continue  # the index of the other format (a folder may ship both)
         for key, shard in mapping.items():
             if weight_map.setdefault(key, shard) != shard:
@@ -194,6 +202,19 @@ def _read_index(entries: list[Path], suffixes: tuple[str, ...]) -> tuple[dict[st
                                EXIT_INPUT)
         used.append(file)
     return (weight_map if used else None), used
+
+
+def _shard_kind(index: Path, key: str, shard: Any) -> str:
+    """``"safetensors"`` or ``"torch"`` for a plain shard file name; exit 3 for anything else."""
+    if isinstance(shard, str) and shard not in ("", ".", "..") and "/" not in shard and "\\" not in shard \
+            and "\0" not in shard:
+        suffix = Path(shard).suffix
+        if suffix == ".safetensors":
+            return "safetensors"
+        if suffix in TORCH_SUFFIXES:
+            return "torch"
+    raise CLIError(f"{shown(index)} maps {key!r} to {shard!r}, which is not a shard file name in its folder "
+                   f"(a name ending in .safetensors or {'/'.join(TORCH_SUFFIXES)})", EXIT_INPUT)
 
 
 def _read_shard(file: Path, trust_pickle: bool, lazy: bool = False
