@@ -16,13 +16,13 @@ the aliases a safetensors file lists in its metadata (``{"lm_head.weight": "embe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from farms_lightning.files import strict_json
 from farms_lightning.files.safe_io import (
     EXIT_INPUT,
     EXIT_OUTPUT,
@@ -35,7 +35,6 @@ from farms_lightning.files.safe_io import (
     reason,
     shown,
 )
-from farms_lightning.files import strict_json
 from farms_lightning.files.safetensors_file import SafetensorsFile, save_safetensors
 
 __all__ = ["EXIT_INPUT", "EXIT_OUTPUT", "CLIError", "Weights", "load_weights", "save_weights", "sniff_format"]
