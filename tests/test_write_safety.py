@@ -124,8 +124,11 @@ def test_a_cache_entry_linked_to_the_input_never_overwrites_it(model, capsys):
     for entry in entries:
         entry.unlink()
         os.symlink(model / "m.safetensors", entry)
-    cli(["analyze", model / "m.safetensors", "--cache", cache], capsys)  # a miss (or a refusal), never a write
-    assert digest(model / "m.safetensors") == before and all(entry.is_symlink() for entry in entries)
+    # A miss with a warning: the link is removed (never followed) and a fresh entry written in its place.
+    code, _, err = cli(["analyze", model / "m.safetensors", "--cache", cache], capsys)
+    assert code == 0 and "link" in err
+    assert digest(model / "m.safetensors") == before
+    assert all(entry.is_file() and not entry.is_symlink() for entry in entries)
     assert not leftovers(model)
 
 

@@ -120,12 +120,16 @@ def _write_file(checkpoint: Checkpoint, shard: str, sparsities: dict[str, float]
         with input_errors(source), _changed(source):
             file = SafetensorsFile(source)
         with file:
+            # Dtypes the analysis cannot use (C64, F4, ...) are copied as their stored bytes, unpruned.
+            with input_errors(source), _changed(source):
+                raw = {key: file.stored(key) for key in keys if key in checkpoint.weights.unusable}
+
             def load(key: str) -> torch.Tensor:
                 with input_errors(source), _changed(source):
-                    tensor = file.get_tensor(key)
-                    if tensor.dtype != specs[key].dtype or tensor.shape != specs[key].shape:
+                    tensor = file.get_raw(key) if key in raw else file.get_tensor(key)
+                    if key not in raw and (tensor.dtype != specs[key].dtype or tensor.shape != specs[key].shape):
                         raise ValueError(f"tensor {key!r} is now {tensor.dtype} {tuple(tensor.shape)}")
-                if key in names:
+                if key in names and key not in raw:
                     parts = names[key]
                     # Under the layers' own key (a tied alias names the stored tensor differently).
                     shell = model_from_state_dict({checkpoint.keys[parts[0]]: tensor})
@@ -134,7 +138,8 @@ def _write_file(checkpoint: Checkpoint, shard: str, sparsities: dict[str, float]
                     release_freed_memory()  # the sort's buffers
                 return tensor
 
-            atomic_write(target, lambda tmp: save_safetensors(specs, tmp, metadata, load=load), label=label)
+            atomic_write(target, lambda tmp: save_safetensors(specs, tmp, metadata, load=load, raw=raw),
+                         label=label)
         return achieved
     tensors, container = read_torch(source, checkpoint.trust_pickle, mmap=True)
     for key in names:  # the file may have been replaced since the first pass read it

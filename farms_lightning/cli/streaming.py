@@ -92,6 +92,7 @@ def open_checkpoint(path: Path, trust_pickle: bool, split_qkv: bool = True) -> C
                        EXIT_INPUT) from None
     checkpoint.all_layers = discover_layers(model, layer_types=LAYER_TYPES, split_qkv=split_qkv)
     checkpoint.keys = _layer_keys(model, weights.state_dict, checkpoint.all_layers)
+    checkpoint.all_layers = _unusable_skipped(checkpoint, checkpoint.all_layers)
     for name, (keys, _) in weights.files.items():
         checkpoint.shard_of.update(dict.fromkeys(keys, name))
     if not weights.files:  # one torch file
@@ -196,7 +197,14 @@ def select(checkpoint: Checkpoint, layer_types: Any, include: Any, exclude: Any)
     if not layers:
         raise CLIError(f"no layer of {shown(checkpoint.path)} is selected by --include/--exclude/--layer-types",
                        EXIT_EMPTY)
-    return _heads_follow_embeddings(checkpoint, layers)
+    return _heads_follow_embeddings(checkpoint, _unusable_skipped(checkpoint, layers))
+
+
+def _unusable_skipped(checkpoint: Checkpoint, layers: list[LayerMatrix]) -> list[LayerMatrix]:
+    """Layers stored in a dtype the analysis cannot use (e.g. ``C64``) are skipped with the reason."""
+    unusable = checkpoint.weights.unusable
+    return [dataclasses.replace(layer, skip_reason=unusable[key])
+            if (key := checkpoint.keys.get(layer.name)) in unusable else layer for layer in layers]
 
 
 def _heads_follow_embeddings(checkpoint: Checkpoint, layers: list[LayerMatrix]) -> list[LayerMatrix]:
@@ -258,7 +266,11 @@ def analyze_stream(checkpoint: Checkpoint, layers: list[LayerMatrix], settings: 
                                     for i in mine if i in shared}
     todo: dict[str, list[int]] = {}  # stored key -> the layers reading it (q, k and v of a fused tensor)
     for i in mine:
-        if i not in shared:
+        if layers[i].skip_reason and i not in shared:  # nothing to read (e.g. a dtype the analysis cannot use)
+            stats[i] = skipped(layers[i], layers[i].skip_reason)
+            if options.progress:
+                options.progress(layers[i], 1.0)
+        elif i not in shared:
             todo.setdefault(checkpoint.stored_key(checkpoint.keys[layers[i].name]), []).append(i)
     group: list[tuple[int, torch.Tensor, Any]] = []
     size = 0

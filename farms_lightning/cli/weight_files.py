@@ -16,13 +16,13 @@ the aliases a safetensors file lists in its metadata (``{"lm_head.weight": "embe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from farms_lightning.files import strict_json
 from farms_lightning.files.safe_io import (
     EXIT_INPUT,
     EXIT_OUTPUT,
@@ -55,6 +55,8 @@ class Weights:
     sources: list[Path] = field(default_factory=list)  # every file read: no output may be written over them
     #: key -> the first key of its file reading the same memory (tied weights, safetensors aliases).
     ties: dict[str, str] = field(default_factory=dict)
+    #: key -> why it is not analysed: stored in a dtype the analysis cannot use (copied unchanged).
+    unusable: dict[str, str] = field(default_factory=dict)
 
 
 def load_weights(path: Path, trust_pickle: bool = False, lazy: bool = False) -> Weights:
@@ -72,8 +74,9 @@ def load_weights(path: Path, trust_pickle: bool = False, lazy: bool = False) -> 
         raise CLIError(f"{shown(path)}: no such file or folder", EXIT_INPUT)
     kind = sniff_format(path)
     if kind == "safetensors":
-        tensors, metadata = read_safetensors(path, lazy)
-        weights = Weights(path, "safetensors", tensors, files={path.name: (list(tensors), metadata)}, sources=[path])
+        tensors, metadata, unusable = read_safetensors(path, lazy)
+        weights = Weights(path, "safetensors", tensors, files={path.name: (list(tensors), metadata)}, sources=[path],
+                          unusable=unusable)
         _add_aliases(weights, tensors, metadata)
         return weights
     if kind != "torch":
@@ -129,7 +132,7 @@ def _load_folder(path: Path, trust_pickle: bool, lazy: bool = False) -> Weights:
     owner: dict[str, str] = {}
     for file in shards:
         try:
-            tensors, metadata, container = _read_shard(file, trust_pickle, lazy)
+            tensors, metadata, container, unusable = _read_shard(file, trust_pickle, lazy)
         except CLIError:
             if file.name not in listed and file.suffix != ".safetensors":
                 continue  # a torch file the index does not name and that is no state dict (training_args.bin)
@@ -148,6 +151,7 @@ def _load_folder(path: Path, trust_pickle: bool, lazy: bool = False) -> Weights:
                 raise CLIError(f"{shown(file)} holds {key!r} but {shown(index_files[0].name)} {where}", EXIT_INPUT)
             owner[key] = file.name
         weights.files[file.name] = (list(tensors), metadata)
+        weights.unusable.update(unusable)
         if lazy and container is not None:
             _make_lazy(weights, tensors)
             container = None
@@ -165,7 +169,12 @@ def _load_folder(path: Path, trust_pickle: bool, lazy: bool = False) -> Weights:
 
 
 def _read_index(entries: list[Path], suffixes: tuple[str, ...]) -> tuple[dict[str, str] | None, list[Path]]:
-    """The merged ``weight_map`` of the folder's ``*.index.json`` files for shards with ``suffixes``."""
+    """The merged ``weight_map`` of the folder's ``*.index.json`` files for shards with ``suffixes``.
+
+    An index is an input like any other: one that is not strict JSON, not an object, has no
+    ``weight_map`` object, or maps a key to anything but a shard file name of this folder is exit 3
+    with the reason (an index of the other format, all its names ending so, is left to that format).
+    """
     weight_map: dict[str, str] = {}
     used = []
     for file in entries:
@@ -174,15 +183,17 @@ def _read_index(entries: list[Path], suffixes: tuple[str, ...]) -> tuple[dict[st
         with input_errors(file):
             text = file.read_bytes()
         try:
-            data = json.loads(text)
+            data = strict_json.loads(text, "the file")
         except ValueError as error:
             raise CLIError(f"cannot read {shown(file)} as a shard index: {error}", EXIT_INPUT) from None
         mapping = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(mapping, dict) or not mapping:
-            continue
-        if not all(isinstance(v, str) for v in mapping.values()):
-            raise CLIError(f"{shown(file)}: weight_map values must be shard file names", EXIT_INPUT)
-        if not all(Path(v).suffix in suffixes for v in mapping.values()):
+            what = "is not a JSON object" if not isinstance(data, dict) else "has no weight_map object (or it is empty)"
+            raise CLIError(f"cannot read {shown(file)} as a shard index: it {what}", EXIT_INPUT)
+        kinds = {_shard_kind(file, key, shard) for key, shard in mapping.items()}
+        if len(kinds) > 1:
+            raise CLIError(f"{shown(file)} maps keys to both safetensors and torch shards", EXIT_INPUT)
+        if kinds != {"safetensors" if ".safetensors" in suffixes else "torch"}:
             continue  # the index of the other format (a folder may ship both)
         for key, shard in mapping.items():
             if weight_map.setdefault(key, shard) != shard:
@@ -192,12 +203,26 @@ def _read_index(entries: list[Path], suffixes: tuple[str, ...]) -> tuple[dict[st
     return (weight_map if used else None), used
 
 
+def _shard_kind(index: Path, key: str, shard: Any) -> str:
+    """``"safetensors"`` or ``"torch"`` for a plain shard file name; exit 3 for anything else."""
+    if isinstance(shard, str) and shard not in ("", ".", "..") and "/" not in shard and "\\" not in shard \
+            and "\0" not in shard:
+        suffix = Path(shard).suffix
+        if suffix == ".safetensors":
+            return "safetensors"
+        if suffix in TORCH_SUFFIXES:
+            return "torch"
+    raise CLIError(f"{shown(index)} maps {key!r} to {shard!r}, which is not a shard file name in its folder "
+                   f"(a name ending in .safetensors or {'/'.join(TORCH_SUFFIXES)})", EXIT_INPUT)
+
+
 def _read_shard(file: Path, trust_pickle: bool, lazy: bool = False
-                ) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, Any]:
+                ) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, Any, dict[str, str]]:
     if file.suffix == ".safetensors":
-        return (*read_safetensors(file, lazy), None)
+        tensors, metadata, unusable = read_safetensors(file, lazy)
+        return tensors, metadata, None, unusable
     tensors, container = read_torch(file, trust_pickle, mmap=lazy)
-    return tensors, None, container
+    return tensors, None, container, {}
 
 
 def read_torch(path: Path, trust_pickle: bool, mmap: bool = False) -> tuple[dict[str, torch.Tensor], Any]:
@@ -251,11 +276,14 @@ def sniff_format(path: Path) -> str | None:
     return "safetensors" if path.suffix.lower() == ".safetensors" else None  # e.g. a truncated header
 
 
-def read_safetensors(path: Path, lazy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
-    """Every tensor of a safetensors file (``lazy``: ``meta`` stand-ins) and its metadata (exit 3 on failure)."""
+def read_safetensors(path: Path, lazy: bool = False
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str] | None, dict[str, str]]:
+    """Every tensor of a safetensors file (``lazy``: ``meta`` stand-ins), its metadata and
+    ``{key: reason}`` for tensors in a dtype the analysis cannot use (exit 3 on failure)."""
     try:
         with input_errors(path), SafetensorsFile(path) as f:
-            return {key: f.spec(key) if lazy else f.get_tensor(key) for key in f.keys()}, f.metadata()
+            tensors = {key: f.spec(key) if lazy else f.get_tensor(key) for key in f.keys()}
+            return tensors, f.metadata(), f.unusable()
     except ValueError as error:
         raise CLIError(f"cannot read {shown(path)} as safetensors (truncated or corrupt?): {error}",
                        EXIT_INPUT) from None
