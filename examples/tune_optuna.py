@@ -30,7 +30,6 @@ import sys
 import warnings
 from typing import Any
 
-
 #: What the pruner reads: the layers' mean distance below their random-matrix baseline alpha.
 MONITOR = "farms/alpha_delta_mean"
 

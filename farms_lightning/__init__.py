@@ -6,7 +6,7 @@ torchmetrics consumers are imported on first use, so scripts and the CLI start f
 
 from typing import TYPE_CHECKING, Any
 
-from farms_lightning._version import __version__
+from farms_lightning._version import __version__ as __version__
 from farms_lightning.engine.analysis import PRESETS, analyze
 from farms_lightning.engine.powerlaw import PowerLawFit
 from farms_lightning.engine.report import FARMSReport, LayerStats

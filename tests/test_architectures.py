@@ -4,7 +4,6 @@ import copy
 import statistics
 import warnings
 
-import numpy as np
 import pytest
 import reference as ref
 import torch

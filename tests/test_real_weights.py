@@ -9,7 +9,6 @@ import reference as ref
 import torch
 
 from farms_lightning import analyze
-from farms_lightning.functional import fit_power_law
 from farms_lightning.models.state_dict import model_from_state_dict
 
 

@@ -29,8 +29,6 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import torch
-
 from farms_lightning.cli.cli_distributed import (
     Interrupted,
     group_budget,

@@ -24,6 +24,7 @@ from farms_lightning.cli.cli_distributed import broadcast, gather, together
 from farms_lightning.cli.streaming import Checkpoint, release_freed_memory
 from farms_lightning.cli.weight_files import _save_torch, read_torch
 from farms_lightning.engine.distributed import distributed_context
+from farms_lightning.files.safe_copy import copy_into
 from farms_lightning.files.safe_io import (
     EXIT_INPUT,
     TEMP_PREFIX,
@@ -35,7 +36,6 @@ from farms_lightning.files.safe_io import (
     new_folder_beside,
     shown,
 )
-from farms_lightning.files.safe_copy import copy_into
 from farms_lightning.files.safetensors_file import SafetensorsFile, save_safetensors
 from farms_lightning.models.state_dict import model_from_state_dict
 from farms_lightning.policies.pruners import prune_model, select_layers

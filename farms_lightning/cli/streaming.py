@@ -35,7 +35,7 @@ from farms_lightning.engine.layer_plans import skipped
 from farms_lightning.engine.report import FARMSReport, LayerStats
 from farms_lightning.files.safe_io import EXIT_INPUT, CLIError, input_errors, shown
 from farms_lightning.files.safetensors_file import SafetensorsFile
-from farms_lightning.models.layers import LAYER_TYPES, LayerMatrix, clean_name, discover_layers
+from farms_lightning.models.layers import LAYER_TYPES, LayerMatrix, discover_layers
 from farms_lightning.models.state_dict import model_from_state_dict, module_path
 
 __all__ = ["Checkpoint", "open_checkpoint", "analyze_checkpoint", "analyze_stream", "read_tensors", "GROUP_BYTES"]

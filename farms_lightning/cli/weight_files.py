@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from farms_lightning.files import strict_json
+from farms_lightning.files.safe_copy import copy_into
 from farms_lightning.files.safe_io import (
     EXIT_INPUT,
     EXIT_OUTPUT,
@@ -34,7 +35,6 @@ from farms_lightning.files.safe_io import (
     reason,
     shown,
 )
-from farms_lightning.files.safe_copy import copy_into
 from farms_lightning.files.safetensors_file import SafetensorsFile, save_safetensors
 
 __all__ = ["EXIT_INPUT", "EXIT_OUTPUT", "CLIError", "Weights", "load_weights", "save_weights", "sniff_format"]

@@ -110,7 +110,7 @@ def remove_stale_temps(folder: Path, now: float | None = None) -> list[Path]:
         The paths removed.
     """
     now = time.time() if now is None else now
-    removed = []
+    removed: list[Path] = []
     try:
         entries = [entry for entry in os.scandir(folder) if _NAME.fullmatch(entry.name)]
     except OSError:

@@ -224,9 +224,10 @@ class FARMSCallback(Callback):
                            f"{self.last_report.to_table()}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for logger in trainer.loggers:
-            if dashboard.is_tensorboard(logger) and rank_zero_only.rank == 0:
-                dashboard.close_layer_runs(logger.experiment)
+        if trainer.global_rank == 0:  # only rank zero writes the per-layer runs
+            for logger in trainer.loggers:
+                if dashboard.is_tensorboard(logger):
+                    dashboard.close_layer_runs(logger.experiment)  # type: ignore[attr-defined]
 
     def state_dict(self) -> dict[str, Any]:
         pending = self._pending

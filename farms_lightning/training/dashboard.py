@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 import re
 import weakref
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
-from farms_lightning.reporting.history import COUNT_KEYS, layer_key
+from farms_lightning.reporting.history import COUNT_KEYS
 
 #: Per writer, the merged layout: category -> chart title -> tags (exact names, model order).
 _LAYOUTS: "weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[str]]]]" = weakref.WeakKeyDictionary()

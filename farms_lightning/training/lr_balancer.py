@@ -9,9 +9,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from farms_lightning.engine.report import FARMSReport
 from farms_lightning.models.layers import renamed_layers
-from farms_lightning.reporting.history import layer_key, validate_factors
 from farms_lightning.policies.lr_scaling import ParamGroupLRScaler
 from farms_lightning.policies.tempbalance import layer_parameters, parameter_factors, validate_mapping_args
+from farms_lightning.reporting.history import layer_key, validate_factors
 from farms_lightning.training.callback import FARMSCallback
 
 
