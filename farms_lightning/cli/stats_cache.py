@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from farms_lightning._version import __version__
-from farms_lightning.engine.report import LayerStats
+from farms_lightning.engine.report import LAYER_STATUSES, LayerStats
 from farms_lightning.files import strict_json
 from farms_lightning.files.safe_io import (
     EXIT_OUTPUT,
@@ -52,7 +52,6 @@ CACHE_FORMAT = 3  # 2: layers too small to judge have their own status; 3: entri
 TRANSIENT = ("analysis error", "eigenvalue error")
 
 
-STATUSES = ("ok", "skipped", "failed", "too_small")
 #: An entry is a few hundred bytes; a larger file is not one.
 MAX_ENTRY_BYTES = 1 << 16
 _COUNTS = ("num_evals", "num_dropped", "num_params")
@@ -212,8 +211,8 @@ def check_stats(data: dict[str, Any]) -> None:
 
     if not isinstance(data["type"], str) or not isinstance(data["reason"], str):
         raise ValueError("type and reason must be strings")
-    if data["status"] not in STATUSES:
-        raise ValueError(f"status is {_short(data['status'])}, not one of {', '.join(STATUSES)}")
+    if data["status"] not in LAYER_STATUSES:
+        raise ValueError(f"status is {_short(data['status'])}, not one of {', '.join(LAYER_STATUSES)}")
     shape = data["shape"]
     if not (isinstance(shape, list) and len(shape) <= 8 and all(type(n) is int and n >= 0 for n in shape)):
         raise ValueError(f"shape is {_short(shape)}, not a list of non-negative integers")

@@ -15,6 +15,8 @@ UNDER_TRAINED_ALPHA = 6.0
 #: A layer shows learned structure when its alpha is below its random-matrix baseline by more than
 #: this many spreads (ranges of the baseline's draws); see :func:`looks_random`.
 RANDOM_SPREAD_FACTOR = 1.5
+#: Every value of ``LayerStats.status``.
+LAYER_STATUSES = ("ok", "skipped", "failed", "too_small")
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import stat
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from farms_lightning.files import strict_json
+from farms_lightning.files.temp_files import NotRegularFile, open_regular
 
 #: Bits per element of every dtype the reference (safetensors 0.7+) knows.
 DTYPE_BITS: dict[str, int] = {
@@ -78,13 +78,13 @@ class SafetensorsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        # O_NONBLOCK: a FIFO put where a file was expected must not hang the open; the checks below
-        # are on the descriptor that is then read, not on what the name pointed to before.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        self._file: io.BufferedReader = os.fdopen(fd, "rb")
+        # A FIFO put where a file was expected must not hang the open; the check is on the descriptor
+        # that is then read, not on what the name pointed to before.
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ValueError("not a regular file")
+            self._file: io.BufferedReader = open_regular(path)
+        except NotRegularFile:
+            raise ValueError("not a regular file") from None
+        try:
             self._entries, self._metadata, self._start = self._read_header()
         except BaseException:
             self._file.close()

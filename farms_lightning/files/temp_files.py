@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import re
 import secrets
@@ -27,7 +28,6 @@ import socket
 import stat
 import time
 from pathlib import Path
-from typing import BinaryIO
 
 #: Prefix of temporary files and folders: short, ASCII, so the name fits however long the target's is.
 TEMP_PREFIX = ".farms-tmp-"
@@ -143,7 +143,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def open_regular(path: Path, *, follow: bool = True) -> BinaryIO:
+class NotRegularFile(OSError):
+    """:func:`open_regular` found a FIFO, device, socket or folder where a file was expected."""
+
+
+def open_regular(path: Path, *, follow: bool = True) -> io.BufferedReader:
     """Open ``path`` to read, refusing (``OSError``) anything but a regular file, without blocking.
 
     ``O_NONBLOCK`` keeps a FIFO from blocking the open; the check is on the opened descriptor
@@ -160,7 +164,7 @@ def open_regular(path: Path, *, follow: bool = True) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, f"not a regular file but a {file_kind(mode)}", str(path))
+            raise NotRegularFile(errno.EINVAL, f"not a regular file but a {file_kind(mode)}", str(path))
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

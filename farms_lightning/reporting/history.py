@@ -12,15 +12,14 @@ import csv
 import io
 import math
 import os
-import stat
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence, Union
 
-from farms_lightning.engine.report import FARMSReport, LayerStats
+from farms_lightning.engine.report import LAYER_STATUSES, FARMSReport, LayerStats
 from farms_lightning.files import strict_json
 from farms_lightning.files.safe_io import write_text
-from farms_lightning.files.temp_files import remove_stale_temps
+from farms_lightning.files.temp_files import NotRegularFile, open_regular, remove_stale_temps
 
 HISTORY_FORMATS = ("json", "csv")
 #: Summary keys that count layers (charted apart from the alpha-scale summary values).
@@ -29,8 +28,6 @@ COUNT_KEYS = ("num_layers", "num_fitted", "num_looks_random", "num_too_small", "
 
 #: When an analysis was made: before training, at an epoch's end, after an optimizer step.
 STAGES = ("train_start", "epoch", "step")
-#: A layer row's ``status`` (``engine.report.LayerStats``).
-LAYER_STATUSES = ("ok", "skipped", "failed", "too_small")
 #: Row fields that hold a number or ``None`` (``name``, ``type``, ``shape``, ``status``, ``reason`` do not).
 NUMERIC_ROW_FIELDS = tuple(f.name for f in fields(LayerStats) if f.name not in ("name", "type", "shape", "status",
                                                                                 "reason"))
@@ -238,11 +235,11 @@ def _short(value: Any) -> str:
 def _read_regular_file(path: Path) -> bytes:
     """The bytes of ``path``, opened without blocking and checked on the open descriptor to be a
     regular file (a FIFO would block the reader forever; a device never ends)."""
-    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(descriptor, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError(f"history {path} is not a regular file (a FIFO, device or folder is not read)")
-        return f.read()
+    try:
+        with open_regular(path) as f:
+            return f.read()
+    except NotRegularFile:
+        raise ValueError(f"history {path} is not a regular file (a FIFO, device or folder is not read)") from None
 
 
 def _history_from_csv(path: Path, data: bytes) -> History:

@@ -42,7 +42,8 @@ def layout_charts(prefix: str, metrics: Iterable[str], summary_keys: Iterable[st
     per layer); the summary values are grouped by scale (:data:`SUMMARY_GROUPS`, then one chart each),
     the layer counts together."""
     charts = {f"{metric} by layer": [by_layer_tag(prefix, metric)] for metric in metrics}
-    keys = [k for k in summary_keys if k not in COUNT_KEYS]
+    summary = list(summary_keys)
+    keys = [k for k in summary if k not in COUNT_KEYS]
     for title, group in SUMMARY_GROUPS.items():
         members = [f"{prefix}/{k}" for k in group if k in keys]
         if members:
@@ -51,7 +52,7 @@ def layout_charts(prefix: str, metrics: Iterable[str], summary_keys: Iterable[st
     for key in keys:
         if key not in grouped:
             charts[key] = [f"{prefix}/{key}"]
-    counts = [f"{prefix}/{k}" for k in COUNT_KEYS if k in set(summary_keys)]
+    counts = [f"{prefix}/{k}" for k in COUNT_KEYS if k in summary]
     if counts:
         charts["layer counts"] = counts
     if with_time:
