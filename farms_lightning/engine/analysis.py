@@ -156,6 +156,7 @@ def analyze_layers(
     frozen_cache: dict[tuple, LayerStats] | None = None,
     whole_matrix: bool = True,
     on_windows: Callable[[int, int, int], None] | None = None,
+    warm_starts: dict[str, list[torch.Tensor]] | None = None,
 ) -> tuple[list[LayerStats | None], dict[str, list[torch.Tensor]]]:
     """Statistics of ``layers`` (those at ``assigned`` positions only; ``None`` elsewhere).
 
@@ -166,7 +167,11 @@ def analyze_layers(
     its earlier statistics instead of being analysed again. ``whole_matrix=False`` leaves the
     whole-matrix metrics out (``None``): the random baseline needs only alphas. ``on_windows(i,
     solved, total)`` hears, from worker threads, that ``solved`` more of the ``total`` windows of
-    ``layers[i]`` are solved (a progress bar over big layers).
+    ``layers[i]`` are solved (a progress bar over big layers). ``warm_starts`` (a dict kept by the
+    caller between analyses: layer name -> one vector per whole matrix) starts each ``lambda_max``
+    from the vector the last analysis found (``matrix_metrics.lambda_max_with_vector``; an entry of
+    the wrong count or lengths is ignored), and receives, in place, the new vectors of the layers
+    whose ``lambda_max`` was solved here.
     """
     owners: dict[tuple, str] = {}
     todo = set(range(len(layers))) if assigned is None else set(assigned)
@@ -176,6 +181,9 @@ def analyze_layers(
     reused = {i: cache[key] for i, key in frozen.items() if key is not None and key in cache}
     todo -= set(reused)
     workers = torch.get_num_threads()
+    # Each analysed layer's warm starts, replaced by its new vectors (emptied when none were found).
+    warm = {layers[i].name: _warm_slot(warm_starts.get(layers[i].name)) for i in todo} \
+        if warm_starts is not None and whole_matrix else {}
     with torch.no_grad(), single_threaded_ops():  # parallel work runs on a pool instead (threads.py)
         plans = [plan_layer(layer, settings, owners, i in todo) for i, layer in enumerate(layers)]
         sets = [p for p in plans if isinstance(p, WindowSet)]
@@ -187,9 +195,13 @@ def analyze_layers(
                 return plan
             # The stored precision sets the flat-spectrum tolerance (float8 is analysed upcast).
             stored = layer.weight.dtype if layer.weight.is_floating_point() else plan.matrices.dtype
-            return _fit_layer(layer, spectra[id(plan)], stored, settings, whole_matrix)
+            return _fit_layer(layer, spectra[id(plan)], stored, settings, whole_matrix, warm.get(layer.name))
 
         stats = parallel_map(finish, list(zip(layers, plans)), workers)
+    for i in todo:
+        found = warm.get(layers[i].name)
+        if found and stats[i] is not None and stats[i].lambda_max is not None:  # type: ignore[union-attr]
+            warm_starts[layers[i].name] = found  # type: ignore[index]
     if settings.get("random_baseline", True):
         _add_baselines(layers, stats, settings)
     for i, cached in reused.items():
@@ -275,7 +287,7 @@ def _solve_all(
 
 def _fit_layer(
     layer: LayerMatrix, spectra: list[torch.Tensor] | Exception, weight_dtype: torch.dtype, settings: dict[str, Any],
-    whole_matrix: bool = True,
+    whole_matrix: bool = True, warm: list | None = None,
 ) -> LayerStats:
     """Fit every group's ESD; a conv layer's fit and ESD metrics are the block means (counts: totals).
 
@@ -297,7 +309,8 @@ def _fit_layer(
     counts: dict[str, Any] = {"num_evals": sum(f.num_evals for f in fits),
                               "num_dropped": sum(f.num_dropped for f in fits)}
     spectral: dict[str, Any] = {name: _mean([m[name] for m in metrics]) for name in ESD_METRIC_NAMES}
-    spectral.update(_whole_matrix(layer, spectra, settings) if whole_matrix else dict.fromkeys(MATRIX_METRIC_NAMES))
+    spectral.update(_whole_matrix(layer, spectra, settings, warm) if whole_matrix
+                    else dict.fromkeys(MATRIX_METRIC_NAMES))
     bad = [(b, f) for b, f in enumerate(fits) if f.status != "ok"]
     if bad:
         block, fit = bad[0]
@@ -314,17 +327,34 @@ def _fit_layer(
     )
 
 
-def _whole_matrix(layer: LayerMatrix, spectra: list[torch.Tensor], settings: dict[str, Any]) -> dict[str, Any]:
-    """Whole-matrix metrics of the layer (``None`` each if they cannot be computed)."""
+def _whole_matrix(layer: LayerMatrix, spectra: list[torch.Tensor], settings: dict[str, Any],
+                  warm: list | None = None) -> dict[str, Any]:
+    """Whole-matrix metrics of the layer (``None`` each if they cannot be computed).
+
+    ``warm``: the layer's warm starts, replaced in place by its new top vectors (emptied if none).
+    """
     try:
         w = layer.oriented()
-        if layer.is_conv:
-            return whole_matrix_metrics(conv_matrices(w, getattr(layer, "groups", 1)))
+        matrices = conv_matrices(w, getattr(layer, "groups", 1)) if layer.is_conv else [w]
         # A float64 full ESD is the whole matrix's exact spectrum: its top eigenvalue is lambda_max.
-        exact = settings["esd"] == "full" and resolve_dtype(settings["dtype"]) == torch.float64 and len(spectra[0])
-        return whole_matrix_metrics([w], float(spectra[0][-1]) if exact else None)
+        exact = (not layer.is_conv and settings["esd"] == "full" and resolve_dtype(settings["dtype"]) == torch.float64
+                 and len(spectra[0]))
+        if exact or warm is None:
+            if warm is not None:
+                warm.clear()  # nothing solved, no vector
+            return whole_matrix_metrics(matrices, float(spectra[0][-1]) if exact else None)
+        if len(warm) != len(matrices):
+            warm[:] = [None] * len(matrices)  # an entry for another shape of layer: the fixed start
+        return whole_matrix_metrics(matrices, None, warm)
     except Exception:  # noqa: BLE001 - a metric never crashes the analysis
+        if warm is not None:
+            warm.clear()
         return dict.fromkeys(MATRIX_METRIC_NAMES)
+
+
+def _warm_slot(entry: Any) -> list:
+    """A fresh list of a layer's warm starts (each checked where it is used; anything else: none)."""
+    return list(entry) if isinstance(entry, (list, tuple)) else []
 
 
 def _mean(values: list[Union[float, None]]) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -50,28 +51,40 @@ def analyze_distributed(
     frozen_cache: dict | None = None,
     split_qkv: bool = True,
     lora: str = "merged",
+    whole_matrix: bool = True,
+    warm_starts: dict[str, list[torch.Tensor]] | None = None,
 ) -> tuple[FARMSReport, float]:
     """Like :func:`~farms_lightning.analyze`, with the layers split across ranks.
 
     Every rank holds the full weights (DDP), analyses its share and takes part in one
     ``all_gather_object``; all ranks return the same report (and the same eigenvalues, when
     kept) and the same wall time: the slowest rank's analysis. Outside a process group this is a
-    plain analysis.
+    plain analysis. ``whole_matrix=False`` leaves the whole-matrix metrics out (``None``).
+    ``warm_starts`` (a dict the caller keeps, see :func:`~farms_lightning.engine.analysis.analyze_layers`)
+    is updated with the new ``lambda_max`` vectors of every layer, whichever rank analysed it: they
+    travel in the same ``all_gather_object``, so every rank ends with the same dict.
     """
     start = time.perf_counter()
     layers = discover_layers(model, layer_types, include, exclude, split_qkv=split_qkv, lora=lora)
     mine, world_size = local_share(layers)
+    starts = None if warm_starts is None else dict(warm_starts)
     stats, eigenvalues = analyze_layers(layers, settings, assigned=mine, keep_eigenvalues=keep_eigenvalues,
-                                        frozen_cache=frozen_cache)
+                                        frozen_cache=frozen_cache, whole_matrix=whole_matrix, warm_starts=starts)
+    # The entries analyze_layers replaced (it puts in new lists, never changes a list in place).
+    before = warm_starts or {}
+    found = {name: v for name, v in (starts or {}).items() if before.get(name) is not v}
     seconds = time.perf_counter() - start
     if world_size > 1:
-        local = ({i: stats[i] for i in mine}, eigenvalues, seconds)
-        gathered: list[tuple[dict[int, LayerStats], dict, float] | None] = [None] * world_size
+        local = ({i: stats[i] for i in mine}, eigenvalues, seconds, found)
+        gathered: list[tuple[dict[int, LayerStats], dict, float, dict] | None] = [None] * world_size
         dist.all_gather_object(gathered, local)
         parts = [part for part in gathered if part]
         merged = {i: s for part in parts for i, s in part[0].items()}
         stats = [merged[i] for i in range(len(layers))]
         eigenvalues = {name: ev for part in parts for name, ev in part[1].items()}
         seconds = max(part[2] for part in parts)
+        found = {name: v for part in parts for name, v in part[3].items()}
+    if warm_starts is not None:
+        warm_starts.update(found)
     return FARMSReport(stats, settings, eigenvalues), seconds  # type: ignore[arg-type]
 
