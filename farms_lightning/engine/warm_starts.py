@@ -28,8 +28,8 @@ def validate_warm_starts(value: Any, what: str = "the warm starts") -> WarmStart
     """``value`` checked to be a warm-start dict: ``{layer name: [1-D finite float tensor, ...]}``.
 
     Returns:
-        A new dict of new lists holding each vector as a contiguous float64 CPU tensor (the same
-        tensor where it already is one, so its bits are kept).
+        A new dict of new lists holding each vector as a contiguous float64 CPU tensor (not copied
+        where it already is one: the bits of a saved float64 vector are kept).
 
     Raises:
         ValueError: not a dict of str -> list of 1-D floating-point tensors, a non-finite value, or a
