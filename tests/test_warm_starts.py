@@ -81,7 +81,7 @@ def test_b_a_start_at_or_near_the_second_singular_vector_still_finds_the_first(r
     expected = top_sigma2(w)
     noise = torch.from_numpy(np.random.default_rng(5).standard_normal(min(rows, cols)))
     for start in (second, -second, second + 1e-3 * noise / noise.norm(), 1e6 * second):
-        top, vector = mm.lambda_max_with_vector(w, start)
+        top, _ = mm.lambda_max_with_vector(w, start)
         assert top == pytest.approx(expected, rel=RTOL)
     # The same start in place of the random one (not added to it) certifies the second value: the
     # case this matrix is built to catch.

@@ -42,18 +42,34 @@ bits as no ``start``. Same weights and same start give the same bits.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, MutableSequence, Optional, Sequence
+from typing import Any, Callable, Iterable, MutableSequence, Optional, Sequence
 
 import torch
 
 #: Metric names in report order.
 MATRIX_METRIC_NAMES = ("lambda_max", "log_spectral_norm", "norm", "log_norm", "stable_rank")
+#: Per-layer statistics that need the whole-matrix metrics (``alpha_weighted = alpha · log_spectral_norm``).
+WHOLE_MATRIX_METRICS = (*MATRIX_METRIC_NAMES, "alpha_weighted")
 #: Certified relative accuracy of ``lambda_max`` (the residual bound at which Lanczos stops).
 RESIDUAL_RTOL = 1e-7
 #: Smaller sides up to this size use ``eigvalsh`` of the Gram matrix directly.
 DIRECT_MAX_DIM = 64
 #: Seed of the Lanczos start vector (its own generator: the global RNG is never touched).
 START_SEED = 0x5EED
+
+
+def wants_matrix_metrics(matrix_metrics: Optional[bool], log_metrics: Iterable[str]) -> bool:
+    """Whether a consumer computes the whole-matrix metrics: ``matrix_metrics`` when it is a bool,
+    else (``None``) whether ``log_metrics`` names one of :data:`WHOLE_MATRIX_METRICS`.
+
+    Raises:
+        ValueError: ``matrix_metrics`` is not ``None``, ``True`` or ``False``.
+    """
+    if matrix_metrics is not None and not isinstance(matrix_metrics, bool):
+        raise ValueError(f"`matrix_metrics` must be None, True or False, got {matrix_metrics!r}")
+    if matrix_metrics is None:
+        return any(metric in WHOLE_MATRIX_METRICS for metric in log_metrics)
+    return matrix_metrics
 
 
 def conv_matrices(weight: torch.Tensor, groups: int = 1) -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ from transformers.trainer_callback import CallbackHandler, PrinterCallback, Prog
 
 from farms_lightning.engine.analysis import resolve_settings
 from farms_lightning.engine.distributed import analyze_distributed
+from farms_lightning.engine.matrix_metrics import wants_matrix_metrics
 from farms_lightning.engine.report import FARMSReport
 from farms_lightning.integrations.trainer_state import CallbackState, export_state, import_state, state_key
 from farms_lightning.models.layers import validate_discovery_args
@@ -112,6 +113,13 @@ class FARMSTrainerCallback(TrainerCallback):
             ``lr_max_ratio``, ``remove_first_layer``, ``remove_last_layer``, ``pair_norm_layers``
             as for :class:`~farms_lightning.FARMSLRBalancer`); factors are logged as
             ``farms/lr_factor/<layer>``.
+        matrix_metrics: compute the whole-matrix metrics (``lambda_max``, ``stable_rank``, ...,
+            ``alpha_weighted`` and the summary's ``alpha_weighted_mean``): ``True`` always, ``False``
+            never, ``None`` (default) when ``log_metrics`` names one of them. Left out, rows hold
+            ``None`` for them and ``alpha_weighted_mean`` is NaN, never logged. Each
+            ``lambda_max`` starts from the vector the previous analysis found, kept in memory only
+            (not in ``trainer_state.json``): a resumed run starts from the fixed start again, so its
+            first ``lambda_max`` values agree to 1e-7, not to the bit.
         engine: other engine options of :func:`farms_lightning.analyze` (``window``,
             ``aspect_ratio``, ``windows_per_dim``, ``fit``, ``esd``, ``dtype`` as ``"float64"`` or
             ``"float32"``, ``min_eigenvalues``, ``peak_bound``, ...).
@@ -157,6 +165,7 @@ class FARMSTrainerCallback(TrainerCallback):
         pair_norm_layers: bool = True,
         split_qkv: bool = True,
         lora: str = "merged",
+        matrix_metrics: Optional[bool] = None,
         **engine: Any,
     ) -> None:
         try:
@@ -179,6 +188,10 @@ class FARMSTrainerCallback(TrainerCallback):
         self.every_n_steps, self.every_n_epochs = every_n_steps or 0, every_n_epochs or 0
         self.analyze_on_train_start = analyze_on_train_start
         self.log_metrics, self.log_summary = tuple(log_metrics), log_summary
+        self.matrix_metrics = wants_matrix_metrics(matrix_metrics, self.log_metrics)
+        # Warm starts of lambda_max, in memory only: as vectors in the JSON trainer state they would
+        # cost tens of MB per checkpoint at LLM scale.
+        self._warm_starts: dict[str, list[torch.Tensor]] = {}
         self.print_layers = print_layers
         self.save_history, self.prefix = save_history, prefix
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
@@ -260,7 +273,8 @@ class FARMSTrainerCallback(TrainerCallback):
             return
         report, elapsed = analyze_distributed(model, self.settings, self.include, self.exclude, self.layer_types,
                                               frozen_cache=self._frozen_cache, split_qkv=self.split_qkv,
-                                              lora=self.lora)
+                                              lora=self.lora, whole_matrix=self.matrix_metrics,
+                                              warm_starts=self._warm_starts if self.matrix_metrics else None)
         self.last_report = report
         entry = history_entry(report, stage, epoch, state.global_step, elapsed)
         for stats in report.layers:

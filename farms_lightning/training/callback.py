@@ -15,7 +15,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from farms_lightning.engine.analysis import resolve_settings
 from farms_lightning.engine.distributed import analyze_distributed
 from farms_lightning.engine.esd_metrics import METRIC_NAMES
+from farms_lightning.engine.matrix_metrics import wants_matrix_metrics
 from farms_lightning.engine.report import FARMSReport, uses_weightwatcher_labels
+from farms_lightning.engine.warm_starts import validate_warm_starts
 from farms_lightning.models.layers import discover_layers, renamed_layers, validate_discovery_args
 from farms_lightning.reporting.history import (
     HISTORY_FORMATS,
@@ -83,6 +85,13 @@ class FARMSCallback(Callback):
             callbacks with different prefixes (e.g. different presets) can run side by side.
         split_qkv, lora: how fused q/k/v projections and PEFT LoRA layers are analysed, as for
             :func:`farms_lightning.analyze`.
+        matrix_metrics: compute the whole-matrix metrics (``lambda_max``, ``log_spectral_norm``,
+            ``norm``, ``log_norm``, ``stable_rank``, ``alpha_weighted`` and the summary's
+            ``alpha_weighted_mean``): ``True`` always, ``False`` never, ``None`` (default) when
+            ``log_metrics`` logs one of them. They cost about two thirds of an analysis of
+            random-init weights; left out, rows hold ``None`` for them and ``alpha_weighted_mean`` is
+            NaN, never logged. Each ``lambda_max`` starts from the vector the previous analysis
+            found (kept in the checkpointed state, so a resumed run gives the same bits).
 
     Raises:
         ValueError: a bad engine option or argument, or a baseline metric in ``log_metrics`` with
@@ -128,6 +137,7 @@ class FARMSCallback(Callback):
         prefix: str = "farms",
         split_qkv: bool = True,
         lora: str = "merged",
+        matrix_metrics: Optional[bool] = None,
     ) -> None:
         self.settings = resolve_settings(preset, window, aspect_ratio, windows_per_dim, fit, esd, dtype,
                                          min_eigenvalues, peak_bound, random_baseline, min_window_side)
@@ -153,6 +163,9 @@ class FARMSCallback(Callback):
         self.every_n_steps = every_n_steps or 0
         self.analyze_on_train_start = analyze_on_train_start
         self.log_metrics = tuple(log_metrics)
+        self.matrix_metrics = wants_matrix_metrics(matrix_metrics, self.log_metrics)
+        # Layer name -> the top singular vectors the last analysis found: the next lambda_max starts there.
+        self._warm_starts: dict[str, list[torch.Tensor]] = {}
         self.log_summary, self.log_histogram, self.log_figures = log_summary, log_histogram, log_figures
         self.log_heatmap = log_heatmap
         self.print_summary, self.save_history, self.prefix = print_summary, save_history, prefix
@@ -237,23 +250,26 @@ class FARMSCallback(Callback):
             # on_validation_start analysed it (e.g. by a callback's own on_validation_start): remember
             # the due analysis so that a resumed run makes it first, from the same weights.
             pending = {"epoch": trainer.current_epoch, "step": trainer.global_step}
-        return {"history": self.history, "pending": pending}
+        return {"history": self.history, "pending": pending, "warm_starts": dict(self._warm_starts)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the history and a pending analysis from a checkpoint, validated first.
+        """Restore the history, a pending analysis and the warm starts from a checkpoint, validated first.
 
         Raises:
             ValueError: a state that is not this callback's (not a dict, no ``history``), a history
-                of a wrong form (:func:`~farms_lightning.reporting.history.validate_history`), or a
-                pending analysis whose epoch or step is not an integer >= 0. Nothing is restored then.
+                of a wrong form (:func:`~farms_lightning.reporting.history.validate_history`), a
+                pending analysis whose epoch or step is not an integer >= 0, or warm starts of a
+                wrong form (:func:`~farms_lightning.engine.warm_starts.validate_warm_starts`; a
+                checkpoint without them starts cold). Nothing is restored then.
         """
         what = f"{type(self).__name__} state in the checkpoint"
         if not isinstance(state_dict, dict) or "history" not in state_dict:
             found = sorted(map(str, state_dict)) if isinstance(state_dict, dict) else type(state_dict).__name__
             raise ValueError(f"{what} is not this callback's: expected a dict with 'history', got {found}")
         history = validate_history(state_dict["history"], f"{what}: history")
-        self._pending = validate_pending(state_dict.get("pending"), f"{what}: pending analysis")
-        self.history = history
+        pending = validate_pending(state_dict.get("pending"), f"{what}: pending analysis")
+        self._warm_starts = validate_warm_starts(state_dict.get("warm_starts", {}), f"{what}: warm_starts")
+        self.history, self._pending = history, pending
 
     def _check_history_names(self, pl_module: pl.LightningModule) -> None:
         """Say once when a restored history names layers as an earlier version did."""
@@ -289,7 +305,8 @@ class FARMSCallback(Callback):
              log_now: bool, on_step: bool = False) -> None:
         report, elapsed = analyze_distributed(
             pl_module, self.settings, self.include, self.exclude, self.layer_types, keep_eigenvalues=self.log_figures,
-            frozen_cache=None if self.log_figures else self._frozen_cache, split_qkv=self.split_qkv, lora=self.lora)
+            frozen_cache=None if self.log_figures else self._frozen_cache, split_qkv=self.split_qkv, lora=self.lora,
+            whole_matrix=self.matrix_metrics, warm_starts=self._warm_starts if self.matrix_metrics else None)
         self.last_report = report
         entry = history_entry(report, stage, epoch, step, elapsed)
         self.history.append(entry)

@@ -12,6 +12,7 @@ from torchmetrics import Metric
 from farms_lightning.engine.analysis import analyze_layers, resolve_settings
 from farms_lightning.engine.baseline import Baseline, with_baseline
 from farms_lightning.engine.distributed import local_share
+from farms_lightning.engine.matrix_metrics import wants_matrix_metrics
 from farms_lightning.engine.report import LayerStats, summarize
 from farms_lightning.models.layers import discover_layers, validate_discovery_args
 
@@ -59,7 +60,8 @@ class FARMSMetric(Metric):
     the module itself is never stored), ``compute()`` returns ``alpha/<layer>`` for every fitted
     layer, ``alpha_delta/<layer>`` (alpha minus the layer's random-matrix baseline) where there is
     one, and the model summary (``alpha_mean``, ``alpha_random_mean``, ``num_fitted``, ...) as
-    scalar tensors. Under DDP
+    scalar tensors; ``alpha_weighted_mean`` is NaN ("not computed") unless ``matrix_metrics=True``,
+    like the other summary values that were not assessed. Under DDP
     each rank analyses a share of the layers and the states are summed, so every rank computes the
     result a single process would.
 
@@ -70,6 +72,10 @@ class FARMSMetric(Metric):
             :func:`farms_lightning.analyze`.
         random_baseline: compare every layer with i.i.d. Gaussian matrices of its shape
             (``alpha_delta``; cached per shape, so only the first update pays for it).
+        matrix_metrics: ``True`` computes the whole-matrix metrics, for ``alpha_weighted_mean``
+            (about two thirds of an analysis of random-init weights); ``None`` (default) and
+            ``False`` leave them out. Each ``update`` then starts ``lambda_max`` from the vectors the
+            previous one found (kept in memory across ``reset()``, not a metric state).
         kwargs: ``torchmetrics.Metric`` arguments.
 
     Example::
@@ -102,6 +108,7 @@ class FARMSMetric(Metric):
         min_window_side: int = 16,
         split_qkv: bool = True,
         lora: str = "merged",
+        matrix_metrics: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -111,7 +118,11 @@ class FARMSMetric(Metric):
                                          min_eigenvalues, peak_bound, random_baseline, min_window_side)
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
         self.layer_names: list[str] = []
-        # Per layer: [alpha (0 if none), alpha_weighted (0 if none), status code, alpha_random (NaN if
+        # No log_metrics to ask for them: only an explicit True computes the whole-matrix metrics.
+        self.matrix_metrics = wants_matrix_metrics(matrix_metrics, ())
+        #: Layer name -> the top singular vectors of the last update (warm starts of lambda_max).
+        self.warm_starts: dict[str, list[torch.Tensor]] = {}
+        # Per layer: [alpha (0 if none), alpha_weighted (NaN if none), status code, alpha_random (NaN if
         # none), alpha_random_spread (NaN if none)]; summed across ranks, each layer's row coming from
         # the one rank that analysed it (other ranks leave zeros, and NaN + 0 stays NaN).
         self.add_state("layer_values", default=torch.zeros(0, len(_COLUMNS), dtype=torch.float64),
@@ -121,12 +132,13 @@ class FARMSMetric(Metric):
         layers = discover_layers(model, self.layer_types, self.include, self.exclude, split_qkv=self.split_qkv,
                                  lora=self.lora)
         mine, _ = local_share(layers)
-        stats, _ = analyze_layers(layers, self.settings, assigned=mine)
+        stats, _ = analyze_layers(layers, self.settings, assigned=mine, whole_matrix=self.matrix_metrics,
+                                  warm_starts=self.warm_starts if self.matrix_metrics else None)
         values = torch.zeros(len(layers), len(_COLUMNS), dtype=torch.float64)
         for i in mine:
             s = stats[i]
             assert s is not None  # analyze_layers fills every assigned position
-            values[i] = torch.tensor([s.alpha or 0.0, s.alpha_weighted or 0.0, STATUS_CODES.index(s.status),
+            values[i] = torch.tensor([s.alpha or 0.0, _nan_if_none(s.alpha_weighted), STATUS_CODES.index(s.status),
                                       _nan_if_none(s.alpha_random), _nan_if_none(s.alpha_random_spread)],
                                      dtype=torch.float64)
         self.layer_names = [layer.name for layer in layers]
@@ -140,8 +152,8 @@ class FARMSMetric(Metric):
             if status == "not analysed here":  # states not synced (sync_on_compute=False, a sub-group)
                 status = "skipped"
             ok = status == "ok"
-            stats = LayerStats(name, "", (), status, "" if ok else status,
-                               alpha=alpha if ok else None, alpha_weighted=weighted if ok else None)
+            stats = LayerStats(name, "", (), status, "" if ok else status, alpha=alpha if ok else None,
+                               alpha_weighted=weighted if ok and not math.isnan(weighted) else None)
             if ok and not math.isnan(random):
                 stats = with_baseline(stats, Baseline(random, spread, ()))
             layers.append(stats)

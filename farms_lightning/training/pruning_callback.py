@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from farms_lightning.engine.analysis import analyze, resolve_settings
+from farms_lightning.engine.analysis import analyze_layers, resolve_settings
 from farms_lightning.models.layers import LayerMatrix, discover_layers, renamed_layers, validate_discovery_args
 from farms_lightning.policies.pruners import parameter_owners, smallest
 from farms_lightning.policies.pruning import alpha_sparsity
@@ -121,8 +121,15 @@ class FARMSModelPruning(ModelPruning):
         prev = [self._get_pruned_stats(m, n) for m, n in self._parameters_to_prune] if self._verbose else []
         if not self.alphas:  # once, from the dense weights: zeros would change the spectra
             assert self._module is not None, "setup() runs before any pruning"
-            report = analyze(self._module, **self.analysis, split_qkv=self.split_qkv)
-            self.alphas = {s.name: s.alpha for s in report.layers if not s.reason.startswith("shares weights")}
+            a = self.analysis
+            selection = ("include", "exclude", "layer_types")
+            settings = resolve_settings(**{k: v for k, v in a.items() if k not in selection})
+            layers = discover_layers(self._module, *(a[k] for k in ("layer_types", "include", "exclude")),
+                                     split_qkv=self.split_qkv)
+            # Only the alphas are used: the whole-matrix metrics (lambda_max, ...) would double the cost.
+            stats = analyze_layers(layers, settings, whole_matrix=False)[0]
+            self.alphas = {s.name: s.alpha for s in stats
+                           if s is not None and not s.reason.startswith("shares weights")}
         counts = {layer.name: layer.num_params for layer, _, _ in self._targets}
         self._follow_renames(counts)
         self.sparsities = alpha_sparsity(self.alphas, float(amount), self.epsilon,
