@@ -75,6 +75,65 @@ def test_resumed_history_equals_uninterrupted_run(tmp_path, with_val):
     assert _comparable(resumed.history) == _comparable(full.history)
 
 
+def _lambda_max_values(history):
+    return [(h["stage"], h["epoch"], row["name"], row["lambda_max"]) for h in history for row in h["layers"]]
+
+
+def test_resumed_lambda_max_equals_uninterrupted_run_bit_for_bit(tmp_path):
+    """Each lambda_max starts from the last analysis's vectors; the checkpoint carries them."""
+    full = FARMSCallback(matrix_metrics=True)
+    _fit(tmp_path / "full", [full], epochs=2)
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    part = FARMSCallback(matrix_metrics=True)
+    _fit(tmp_path / "part", [part, checkpoint], epochs=1)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    (key,) = [k for k in saved["callbacks"] if k.startswith("FARMSCallback")]
+    # A vector per layer with a lambda_max; head.0 and head.2 (smaller sides 160 and 120) by Lanczos.
+    solved = {row["name"] for row in part.history[-1]["layers"] if row["lambda_max"] is not None}
+    assert set(saved["callbacks"][key]["warm_starts"]) == solved >= {"head.0", "head.2"}
+    resumed = FARMSCallback(matrix_metrics=True)
+    _fit(tmp_path / "part", [resumed], epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    values = _lambda_max_values(full.history)
+    assert [v[:2] for v in values[::5]] == [("train_start", 0), ("epoch", 0), ("epoch", 1)]
+    assert all(v[3] is not None for v in values if v[2] in ("head.0", "head.2"))
+    assert _lambda_max_values(resumed.history) == values  # float equality: the same bits
+    assert _comparable(resumed.history) == _comparable(full.history)
+    # Without the vectors (a checkpoint of an earlier version) the resumed run starts cold: the same
+    # values to 1e-7, not the same bits; so the equality above is the warm starts' doing.
+    del saved["callbacks"][key]["warm_starts"]
+    torch.save(saved, tmp_path / "old.ckpt")
+    cold = FARMSCallback(matrix_metrics=True)
+    _fit(tmp_path / "old", [cold], epochs=2, ckpt_path=str(tmp_path / "old.ckpt"))
+    last = [v for v in _lambda_max_values(cold.history) if v[:2] == ("epoch", 1) and v[3] is not None]
+    expected = [v for v in values if v[:2] == ("epoch", 1) and v[3] is not None]
+    assert [v[3] for v in last] == pytest.approx([v[3] for v in expected], rel=2e-7)
+    assert last != expected
+
+
+def test_whole_matrix_metrics_are_computed_only_when_asked(tmp_path):
+    default, asked = FARMSCallback(), FARMSCallback(log_metrics=("alpha", "alpha_weighted"), prefix="asked")
+    t, model = _fit(tmp_path, [default, asked], epochs=1, logger=CSVLogger(str(tmp_path), name="csv"))
+    assert not default.matrix_metrics and asked.matrix_metrics
+    rows = default.history[-1]["layers"]
+    assert all(row["lambda_max"] is None and row["alpha_weighted"] is None and row["stable_rank"] is None
+               for row in rows)
+    assert math.isnan(default.history[-1]["summary"]["alpha_weighted_mean"])
+    assert "farms/alpha_weighted_mean" not in t.callback_metrics and "farms/alpha_mean" in t.callback_metrics
+    assert default.state_dict()["warm_starts"] == {}
+    expected = analyze(model)  # the functional analysis keeps computing them
+    assert float(t.callback_metrics["asked/alpha_weighted_mean"]) == pytest.approx(
+        expected.summary["alpha_weighted_mean"], rel=1e-6)
+    assert float(t.callback_metrics["asked/alpha_weighted/head.0"]) == pytest.approx(
+        expected["head.0"].alpha_weighted, rel=1e-6)
+    solved = {row["name"] for row in asked.history[-1]["layers"] if row["lambda_max"] is not None}
+    assert set(asked.state_dict()["warm_starts"]) == solved >= {"head.0", "head.2"}
+    with open(os.path.join(t.loggers[0].log_dir, "metrics.csv")) as f:
+        header = f.readline()
+    assert "farms/alpha_weighted_mean" not in header and "asked/alpha_weighted_mean" in header
+    with pytest.raises(ValueError, match="matrix_metrics"):
+        FARMSCallback(matrix_metrics="yes")  # type: ignore[arg-type]
+
+
 def test_farms_metric_drives_early_stopping(tmp_path):
     stop = EarlyStopping(monitor="farms/alpha_mean", mode="max", stopping_threshold=1.0, check_on_train_epoch_end=True)
     # EarlyStopping listed first: Lightning runs monitoring callbacks after the others at epoch end.
@@ -163,6 +222,12 @@ def test_state_dict_round_trip_and_state_key():
     b = FARMSCallback(fit="peak")
     b.load_state_dict(a.state_dict())
     assert b.history == a.history
+    vectors = {"fc": [torch.randn(5, dtype=torch.float64)]}
+    a._warm_starts = vectors
+    b.load_state_dict(a.state_dict())
+    assert b._warm_starts.keys() == vectors.keys() and torch.equal(b._warm_starts["fc"][0], vectors["fc"][0])
+    b.load_state_dict({"history": a.history, "pending": None})  # a checkpoint of an earlier version
+    assert b._warm_starts == {}
     assert FARMSCallback(fit="median").state_key != a.state_key
 
 

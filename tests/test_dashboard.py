@@ -3,6 +3,7 @@ see the current epoch (Optuna's pruner, weight averaging), figures for other log
 
 import io
 import json
+import math
 import re
 from pathlib import Path
 
@@ -307,6 +308,12 @@ def test_the_default_callback_shows_alpha_delta_in_tensorboard(tmp_path):
     assert means == pytest.approx([h["summary"]["alpha_delta_mean"] for h in farms.history], rel=1e-6)
     assert len(means) == 3 and "farms/num_looks_random" in scalars
     assert "farms/num_under_trained" not in scalars  # NaN (not assessed) outside full-ESD ks fits: not logged
+    # No whole-matrix metric is logged by default, so none is computed: alpha_weighted_mean is NaN, in no
+    # scalar and in no chart of the layout.
+    assert "farms/alpha_weighted_mean" not in scalars and math.isnan(report.summary["alpha_weighted_mean"])
+    assert all(row["lambda_max"] is None for h in farms.history for row in h["layers"])
+    charted = [tag for group in _layout(events).values() for tags in group.values() for tag in tags]
+    assert charted and not any("alpha_weighted" in tag for tag in charted)
     # The heatmap image, by default, at every analysis; no histogram of a handful of values.
     assert len(events.Images("farms/alpha_heatmap")) == 3 and events.Tags()["histograms"] == []
     # Per-layer runs, one per judged layer, each drawing its own alpha_delta line.

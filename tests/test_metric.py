@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from lightning_helpers import TinyNet
@@ -7,10 +9,11 @@ from farms_lightning import FARMSMetric, analyze
 from farms_lightning.functional import farms_metrics
 
 
-def test_metric_equals_functional_and_analyze():
+@pytest.mark.parametrize("matrix_metrics", [None, True])
+def test_metric_equals_functional_and_analyze(matrix_metrics):
     torch.manual_seed(0)
     model = TinyNet()
-    metric = FARMSMetric(fit="peak")
+    metric = FARMSMetric(fit="peak", matrix_metrics=matrix_metrics)
     metric.update(model)
     result = metric.compute()
     assert result.keys() == farms_metrics(model, fit="peak").keys()
@@ -22,7 +25,30 @@ def test_metric_equals_functional_and_analyze():
         else:
             assert f"alpha/{name}" not in result
     for key, value in report.summary.items():
+        if key == "alpha_weighted_mean" and not matrix_metrics:  # whole-matrix metrics not computed
+            assert math.isnan(result[key].item()) and not math.isnan(value)
+            continue
         assert result[key].item() == pytest.approx(value, rel=1e-12, nan_ok=True), key
+    assert bool(metric.warm_starts) == bool(matrix_metrics)  # lambda_max vectors, for the next update
+
+
+def test_metric_warm_starts_survive_reset_and_keep_lambda_max_exact():
+    torch.manual_seed(0)
+    model = TinyNet()
+    metric = FARMSMetric(random_baseline=False, matrix_metrics=True)
+    metric.update(model)
+    first = metric.compute()["alpha_weighted_mean"].item()
+    starts = dict(metric.warm_starts)
+    metric.reset()
+    assert metric.warm_starts == starts and sorted(starts) == sorted(analyze(model).alphas)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)  # lambda_max x 1.0201: alpha_weighted_mean moves by alpha_mean · log10(1.0201)
+    metric.update(model)
+    assert metric.warm_starts.keys() == starts.keys() and all(metric.warm_starts[n] is not starts[n] for n in starts)
+    expected = analyze(model, random_baseline=False).summary["alpha_weighted_mean"]
+    assert metric.compute()["alpha_weighted_mean"].item() == pytest.approx(expected, rel=1e-7)
+    assert expected != pytest.approx(first, rel=1e-4)
 
 
 def test_update_is_a_snapshot_and_reset_clears():

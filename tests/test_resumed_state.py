@@ -3,9 +3,11 @@ read, with one clear line (a ``ValueError``; exit 3 for ``farms-lightning plot``
 
 import copy
 import csv
+import math
 import os
 
 import pytest
+import torch
 
 from farms_lightning.cli.commands import main
 from farms_lightning.reporting.history import load_history, validate_history
@@ -141,6 +143,10 @@ HOSTILE_STATES = [
     ("pending epoch NaN", {"history": GOOD, "pending": {"epoch": float("nan"), "step": 8}}, "epoch nan"),
     ("pending epoch -5", {"history": GOOD, "pending": {"epoch": -5, "step": 8}}, "epoch -5"),
     ("pending junk", {"history": GOOD, "pending": "soon"}, "pending analysis is 'soon'"),
+    ("warm starts junk", {"history": GOOD, "pending": None, "warm_starts": {"fc": "x"}},
+     "warm_starts: layer 'fc' holds a str"),
+    ("warm starts NaN", {"history": GOOD, "pending": None, "warm_starts": {"fc": [torch.tensor([math.nan])]}},
+     "non-finite"),
 ]
 
 
