@@ -326,3 +326,38 @@ def test_a_tampered_trainer_checkpoint_fails_before_any_step_and_keeps_the_histo
     with pytest.raises(ValueError, match="lacks 'layers'"):
         _resumable_run(tmp_path, resume=str(state_file.parent))
     assert (tmp_path / "farms_history.json").read_bytes() == before
+
+
+def test_whole_matrix_metrics_only_when_logged_and_warm_starts_stay_out_of_the_trainer_state(tmp_path):
+    """The callback's own analysis step, called as the Trainer calls it (no training needed)."""
+    import json
+    import math
+    from types import SimpleNamespace
+
+    from farms_lightning.files import strict_json
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.ReLU(), torch.nn.Linear(200, 120))
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    for log_metrics, computed in ((("alpha",), False), (("alpha", "lambda_max"), True)):
+        farms = FARMSTrainerCallback(log_metrics=log_metrics, random_baseline=False)
+        state = SimpleNamespace(global_step=0, epoch=0.0, stateful_callbacks={}, is_world_process_zero=True)
+        assert farms.matrix_metrics is computed
+        for step in (0, 4):
+            state.global_step = step
+            with torch.no_grad():
+                model[0].weight.mul_(1.01)
+            farms._run(args, state, model, "step", 0)
+            expected = analyze(model, random_baseline=False)
+            for row in farms.history[-1]["layers"]:
+                if computed:
+                    assert row["lambda_max"] == pytest.approx(expected[row["name"]].lambda_max, rel=1e-7)
+                else:
+                    assert row["lambda_max"] is None and row["alpha_weighted"] is None
+        assert ("farms/alpha_weighted_mean" in farms._pending) is computed
+        assert ("farms/lambda_max/0" in farms._pending) is computed
+        assert math.isnan(farms.history[-1]["summary"]["alpha_weighted_mean"]) is not computed
+        assert sorted(farms._warm_starts) == (["0", "2"] if computed else [])
+        # The checkpointed state is JSON and holds no vector (a resumed run starts lambda_max cold).
+        saved = strict_json.dumps(state.stateful_callbacks)
+        assert "warm" not in saved and json.loads(saved)
