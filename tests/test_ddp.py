@@ -16,7 +16,7 @@ from farms_lightning.models.layers import discover_layers
 class MetricNet(TinyNet):
     def __init__(self) -> None:
         super().__init__()
-        self.farms = FARMSMetric()
+        self.farms = FARMSMetric(matrix_metrics=True)  # alpha_weighted_mean too, as farms_metrics gives it
         self.metric_result: dict = {}
 
     def on_train_epoch_end(self) -> None:
@@ -32,6 +32,7 @@ class Dump(pl.Callback):
         farms = next(cb for cb in trainer.callbacks if isinstance(cb, FARMSCallback))
         torch.save({
             "history": farms.history,
+            "warm_starts": farms.state_dict()["warm_starts"],
             "metrics": {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("farms/")},
             "metric_result": pl_module.metric_result,
             "weights": pl_module.state_dict(),
@@ -52,7 +53,8 @@ def test_ddp_ranks_agree_with_each_other_and_with_one_process(tmp_path):
     trainer = pl.Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", max_epochs=2, limit_train_batches=3,
                          limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False, logger=False,
                          default_root_dir=str(tmp_path),
-                         callbacks=[FARMSCallback(fit="peak", save_history="json"), Dump(str(tmp_path))])
+                         callbacks=[FARMSCallback(fit="peak", save_history="json", matrix_metrics=True),
+                                    Dump(str(tmp_path))])
     trainer.fit(MetricNet(), loaders()[0])  # save_history asks for trainer.log_dir, a collective, on every rank
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 - NaN-safe
@@ -60,6 +62,11 @@ def test_ddp_ranks_agree_with_each_other_and_with_one_process(tmp_path):
     assert (tmp_path / "farms_history.json").exists()
     assert same(rank0["metric_result"], rank1["metric_result"])
     assert rank0["metrics"] == rank1["metrics"]
+    # Every rank holds every layer's lambda_max vectors (rank zero's state is the one checkpointed).
+    solved = {row["name"] for row in rank0["history"][-1]["layers"] if row["lambda_max"] is not None}
+    assert set(rank0["warm_starts"]) == set(rank1["warm_starts"]) == solved >= {"head.0", "head.2"}
+    for name, vectors in rank0["warm_starts"].items():
+        assert all(torch.equal(a, b) for a, b in zip(vectors, rank1["warm_starts"][name], strict=True))
     model = MetricNet()
     model.load_state_dict(rank0["weights"])
     single = analyze(model, fit="peak")
@@ -70,6 +77,8 @@ def test_ddp_ranks_agree_with_each_other_and_with_one_process(tmp_path):
         if stats.alpha is not None:
             assert last[name]["alpha"] == pytest.approx(stats.alpha, rel=1e-6)
             assert rank0["metrics"][f"farms/alpha/{name}"] == pytest.approx(stats.alpha, rel=1e-6)
+        if stats.lambda_max is not None:
+            assert last[name]["lambda_max"] == pytest.approx(stats.lambda_max, rel=2e-7)
     expected = farms_metrics(model)
     assert rank0["metric_result"].keys() == expected.keys()
     for key, value in expected.items():
