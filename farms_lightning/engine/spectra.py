@@ -36,6 +36,12 @@ CHUNK_ELEMENTS = 1 << 22
 #: margin of ~4 (the largest ratio at which a MiniLM window missed the bound unrefined: 1.5e-7).
 REFINE_RATIO = 1e-6
 
+#: The error bound of a deferred Gram eigenvalue, in units of ``eps·λmax`` of its window: the
+#: measured constant (``c <= 1.2``, see :data:`REFINE_RATIO`) with a margin of 6.7. It is measured,
+#: not proven (LAPACK's backward error bound for ``eigvalsh`` has an unstated constant): the test
+#: suite re-measures it on Gaussian, heavy-tailed, low-rank and real MiniLM windows up to 1000².
+GRAM_ERROR_FACTOR = 8.0
+
 #: Each layer (window set) first solves this many of its windows by Gram + refinement; when most of
 #: them needed the SVD (square windows of trained weights often do, and nearly every 2000x2000 window
 #: of the ``llm`` preset), its other windows go to the SVD directly, which is then cheaper than a Gram
@@ -87,9 +93,13 @@ class WindowSet:
     grid: WindowGrid
     scale: float = 1.0
     group_by_row_start: bool = False
-    pieces: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    #: ``(num_windows, min(rows, cols))`` eigenvalues of each window, ascending (set by a solve).
+    window_values: Optional[torch.Tensor] = None
+    #: Per eigenvalue, the absolute error bound of a deferred Gram value (0: equal to the SVD's to 1e-9).
+    window_errors: Optional[torch.Tensor] = None
     #: How many of this set's windows the last solve solved by an SVD (float64: refined).
     refined_windows: int = 0
+    _index: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def num_windows(self) -> int:
@@ -107,8 +117,24 @@ class WindowSet:
 
     def window_index(self) -> torch.Tensor:
         """``(num_windows, 3)`` rows of (matrix, row start index, col start index)."""
-        p, r, c = len(self.matrices), len(self.grid.row_starts), len(self.grid.col_starts)
-        return torch.cartesian_prod(torch.arange(p), torch.arange(r), torch.arange(c)).reshape(-1, 3)
+        if self._index is None:
+            p, r, c = len(self.matrices), len(self.grid.row_starts), len(self.grid.col_starts)
+            self._index = torch.cartesian_prod(torch.arange(p), torch.arange(r), torch.arange(c)).reshape(-1, 3)
+        return self._index
+
+    def reset(self) -> None:
+        """Forget the last solve: every window unsolved."""
+        size = min(self.grid.rows, self.grid.cols)
+        self.window_values = torch.zeros(self.num_windows, size, dtype=torch.float64)
+        self.window_errors = torch.zeros(self.num_windows, size, dtype=torch.float64)
+        self.refined_windows = 0
+
+    @property
+    def pending(self) -> torch.Tensor:
+        """Window numbers whose Gram eigenvalues were kept unrefined with an error bound (deferred)."""
+        if self.window_errors is None:
+            return torch.empty(0, dtype=torch.long)
+        return torch.nonzero(self.window_errors.amax(dim=1) > 0).reshape(-1)
 
     def extract(self, index: torch.Tensor) -> torch.Tensor:
         """The windows named by ``index`` rows, as a ``(B, rows, cols)`` copy."""
@@ -122,11 +148,22 @@ class WindowSet:
 
     def eigenvalues(self) -> list[torch.Tensor]:
         """Per group, the pooled eigenvalues sorted ascending (float64, CPU)."""
+        return [values for values, _ in self.eigenvalues_with_errors()]
+
+    def eigenvalues_with_errors(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per group, the pooled eigenvalues sorted ascending and each one's absolute error bound.
+
+        The bound is 0 for every value that equals a float64 SVD's (to ``1e-9·λ``); only deferred
+        Gram values (:func:`compute_spectra` with ``defer_refinement``) carry one.
+        """
+        if self.window_values is None or self.window_errors is None:
+            raise RuntimeError("the window set has not been solved")
+        rows = self.window_index()[:, 1]
         out = []
         for g in range(self.num_groups):
-            parts = self.pieces.get(g, [])
-            ev = torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)
-            out.append(torch.sort(ev * self.scale).values)
+            chosen = rows == g if self.group_by_row_start else slice(None)
+            values, order = torch.sort(self.window_values[chosen].reshape(-1) * self.scale, stable=True)
+            out.append((values, self.window_errors[chosen].reshape(-1)[order] * self.scale))
         return out
 
 
@@ -152,16 +189,11 @@ def svd_eigenvalues(windows: torch.Tensor, dtype: torch.dtype = torch.float64) -
     return torch.linalg.svdvals(windows.to(dtype)).flip(-1).to(torch.float64).square()
 
 
-def _gram_refined(windows: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gram eigenvalues; windows whose smallest non-structural one is ``<= REFINE_RATIO·λmax`` by SVD."""
-    ev = gram_eigenvalues(windows)
+def _needs_refinement(ev: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Windows whose smallest non-structural Gram eigenvalue is ``<= REFINE_RATIO·λmax``."""
     size = ev.shape[-1]
-    ev[torch.arange(size, device=ev.device) < zeros[:, None]] = 0.0
     smallest = ev.gather(1, zeros.clamp(max=size - 1)[:, None]).squeeze(1)
-    refine = (smallest <= REFINE_RATIO * ev[:, -1]) & (zeros < size)
-    if bool(refine.any()):
-        ev[refine] = svd_eigenvalues(windows[refine])
-    return ev, refine
+    return (smallest <= REFINE_RATIO * ev[:, -1]) & (zeros < size)
 
 
 def window_eigenvalues(windows: torch.Tensor, direct_svd: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,117 +204,150 @@ def window_eigenvalues(windows: torch.Tensor, direct_svd: bool = False) -> tuple
     by the SVD), so every value equals a float64 SVD's to ``1e-9·λ + 8·eps·sqrt(λ·λmax)``. The
     :func:`structural_zeros` of each window are exactly 0.
     """
+    ev, svd, _ = _solve_windows(windows, "svd" if direct_svd else "gram")
+    return ev, svd
+
+
+def _solve_windows(windows: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`window_eigenvalues` by ``mode`` (see ``_Part``), and each value's error bound.
+
+    With ``mode="defer"`` nearly singular windows keep their Gram values, and each of their values at
+    or below ``REFINE_RATIO·λmax`` gets the error bound :data:`GRAM_ERROR_FACTOR` ``·eps·λmax`` (0
+    everywhere else), so that a caller refines only when a result depends on them
+    (:mod:`farms_lightning.engine.certificate`).
+    """
     size = min(windows.shape[-2:])
     zeros = structural_zeros(windows)
-    if direct_svd:
-        ev, svd = svd_eigenvalues(windows), torch.ones(len(windows), dtype=torch.bool)
+    errors = torch.zeros(len(windows), size, dtype=torch.float64, device=windows.device)
+    if mode == "svd":
+        ev, svd = svd_eigenvalues(windows), torch.ones(len(windows), dtype=torch.bool, device=windows.device)
     else:
-        ev, svd = _gram_refined(windows, zeros)
+        ev = gram_eigenvalues(windows)
+        structural = torch.arange(size, device=ev.device) < zeros[:, None]
+        ev[structural] = 0.0
+        svd = _needs_refinement(ev, zeros)
+        if mode == "defer":
+            bound = GRAM_ERROR_FACTOR * torch.finfo(torch.float64).eps * ev[:, -1:]
+            uncertain = svd[:, None] & ~structural & (ev <= REFINE_RATIO * ev[:, -1:])
+            errors = torch.where(uncertain, bound, errors)
+            svd = torch.zeros_like(svd)
+        elif bool(svd.any()):
+            ev[svd] = svd_eigenvalues(windows[svd])
     ev[torch.arange(size, device=ev.device) < zeros.to(ev.device)[:, None]] = 0.0
-    return ev, svd.cpu()
+    return ev, svd.cpu(), errors
 
 
-#: One piece of work: windows (index rows) of a set, and whether they go to the SVD directly.
-_Part = tuple[WindowSet, torch.Tensor, bool]
+#: One piece of work: window numbers of a set, and how they are solved: ``"gram"`` (Gram, refined by
+#: the SVD where needed), ``"svd"`` (the SVD directly) or ``"defer"`` (Gram, refinement deferred).
+_Part = tuple[WindowSet, torch.Tensor, str]
 #: ``on_solved(window_set, count)``: ``count`` more windows of the set are solved (called from workers).
 OnSolved = Optional[Callable[[WindowSet, int], None]]
 
 
 def compute_spectra(
-    window_sets: list[WindowSet], dtype: DTypeLike = None, workers: int | None = None, on_solved: OnSolved = None
+    window_sets: list[WindowSet], dtype: DTypeLike = None, workers: int | None = None, on_solved: OnSolved = None,
+    defer_refinement: bool = False,
 ) -> list[list[torch.Tensor]]:
     """Solve all windows of all sets, batching windows of equal shape across sets.
 
     Two passes: every set's first :data:`PILOT_WINDOWS` windows, then the rest, by SVD directly for
-    a set whose pilot windows mostly needed it. CPU batches are spread over ``workers`` threads
-    (default: torch's thread count), each op on one intra-op thread (see
-    :mod:`farms_lightning.engine.threads`). ``on_solved(set, count)`` hears of every solved batch, from
-    the worker threads (progress bars). Returns, for each set, the sorted float64 eigenvalues of
-    each of its groups.
+    a set whose pilot windows mostly needed it. With ``defer_refinement`` one pass, by Gram
+    matrices only: nearly singular windows keep their Gram values with error bounds
+    (:meth:`WindowSet.eigenvalues_with_errors`) until :func:`refine_deferred`. CPU batches are
+    spread over ``workers`` threads (default: torch's thread count), each op on one intra-op thread
+    (see :mod:`farms_lightning.engine.threads`). ``on_solved(set, count)`` hears of every solved
+    batch, from the worker threads (progress bars). Returns, for each set, the sorted float64
+    eigenvalues of each of its groups.
     """
     resolve_dtype(dtype)  # validates: float64 is the only solver
     workers = workers or torch.get_num_threads()
-    indices = []
+    numbers = []
     for ws in window_sets:
-        ws.pieces = defaultdict(list)
-        ws.refined_windows = 0
-        indices.append(ws.window_index())
-    _solve_parts([(ws, index[:PILOT_WINDOWS], False) for ws, index in zip(window_sets, indices)], workers, on_solved)
-    rest = [(ws, index[PILOT_WINDOWS:], 2 * ws.refined_windows > PILOT_WINDOWS)
-            for ws, index in zip(window_sets, indices) if len(index) > PILOT_WINDOWS]
+        ws.reset()
+        numbers.append(torch.arange(ws.num_windows))
+    if defer_refinement:
+        _solve_parts([(ws, n, "defer") for ws, n in zip(window_sets, numbers)], workers, on_solved)
+        return [ws.eigenvalues() for ws in window_sets]
+    _solve_parts([(ws, n[:PILOT_WINDOWS], "gram") for ws, n in zip(window_sets, numbers)], workers, on_solved)
+    rest = [(ws, n[PILOT_WINDOWS:], "svd" if 2 * ws.refined_windows > PILOT_WINDOWS else "gram")
+            for ws, n in zip(window_sets, numbers) if len(n) > PILOT_WINDOWS]
     _solve_parts(rest, workers, on_solved)
+    return [ws.eigenvalues() for ws in window_sets]
+
+
+def refine_deferred(window_sets: list[WindowSet], workers: int | None = None) -> list[list[torch.Tensor]]:
+    """Re-solve by a float64 SVD every window whose refinement was deferred; the sets' new spectra."""
+    parts = [(ws, ws.pending, "svd") for ws in window_sets]
+    _solve_parts([part for part in parts if len(part[1])], workers or torch.get_num_threads(), None)
     return [ws.eigenvalues() for ws in window_sets]
 
 
 def _solve_parts(parts: list[_Part], workers: int, on_solved: OnSolved) -> None:
     """Solve every part, in batches of equal window shape (and solver) bounded by :data:`CHUNK_ELEMENTS`."""
     by_shape: dict[tuple, list[_Part]] = defaultdict(list)
-    for ws, index, direct in parts:
-        by_shape[(ws.grid.rows, ws.grid.cols, ws.matrices.device, direct)].append((ws, index, direct))
+    for ws, numbers, mode in parts:
+        by_shape[(ws.grid.rows, ws.grid.cols, ws.matrices.device, mode)].append((ws, numbers, mode))
     batches: list[list[_Part]] = []
     any_cpu = False
     for (rows, cols, device, _), members in by_shape.items():
-        total = sum(len(index) for _, index, _ in members)
+        total = sum(len(numbers) for _, numbers, _ in members)
         per_window = rows * cols + min(rows, cols) ** 2
         batch = max(1, CHUNK_ELEMENTS // per_window)
         if device.type == "cpu":  # equal batches, as many as a multiple of the workers: no thread idles
             count = -(-total // batch)
             batch = max(1, -(-total // (-(-count // workers) * workers)))
-        # Work list of (set, index rows) slices, cut into batches of at most `batch` windows.
+        # Work list of (set, window numbers) slices, cut into batches of at most `batch` windows.
         pending: list[_Part] = []
         size = 0
-        for ws, index, direct in members:
-            for start in range(0, len(index), batch):
-                part = index[start:start + batch]
+        for ws, numbers, mode in members:
+            for start in range(0, len(numbers), batch):
+                part = numbers[start:start + batch]
                 if size + len(part) > batch:
                     batches.append(pending)
                     pending, size = [], 0
-                pending.append((ws, part, direct))
+                pending.append((ws, part, mode))
                 size += len(part)
         if pending:
             batches.append(pending)
         any_cpu = any_cpu or device.type == "cpu"
     # Largest first (stable, so deterministic): the pool's last batches are then the short ones.
     batches.sort(key=_batch_cost, reverse=True)
-    for pending, (ev, refined) in zip(batches, _solve_batches(batches, workers if any_cpu else 1, on_solved)):
-        _distribute(pending, ev, refined)
+    for pending, solved in zip(batches, _solve_batches(batches, workers if any_cpu else 1, on_solved)):
+        _distribute(pending, *solved)
 
 
 def _batch_cost(pending: list[_Part]) -> int:
     """Flops of a batch's eigen-solves, up to a constant: windows x rows x cols x min(rows, cols)."""
     grid = pending[0][0].grid
-    return sum(len(index) for _, index, _ in pending) * grid.rows * grid.cols * min(grid.rows, grid.cols)
+    return sum(len(numbers) for _, numbers, _ in pending) * grid.rows * grid.cols * min(grid.rows, grid.cols)
 
 
 def _solve_batches(
     batches: list[list[_Part]], workers: int, on_solved: OnSolved
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Eigenvalues (float64, CPU) and SVD-solved masks of every batch; CPU batches run on a pool."""
-    def solve(pending: list[_Part]) -> tuple[torch.Tensor, torch.Tensor]:
-        windows = torch.cat([ws.extract(index) for ws, index, _ in pending])
-        ev, refined = window_eigenvalues(windows, direct_svd=pending[0][2])
-        result = ev.to(device="cpu"), refined.cpu()
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Eigenvalues, SVD-solved masks and error bounds (CPU) of every batch; CPU batches run on a pool."""
+    def solve(pending: list[_Part]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        windows = torch.cat([ws.extract(ws.window_index()[numbers]) for ws, numbers, _ in pending])
+        ev, refined, errors = _solve_windows(windows, pending[0][2])
+        result = ev.cpu(), refined.cpu(), errors.cpu()
         if on_solved is not None:
-            for ws, index, _ in pending:
-                on_solved(ws, len(index))
+            for ws, numbers, _ in pending:
+                on_solved(ws, len(numbers))
         return result
 
     with single_threaded_ops():
         return parallel_map(solve, batches, workers)
 
 
-def _distribute(pending: list[_Part], ev: torch.Tensor, refined: torch.Tensor) -> None:
+def _distribute(pending: list[_Part], ev: torch.Tensor, refined: torch.Tensor, errors: torch.Tensor) -> None:
     offset = 0
-    for ws, index, _ in pending:
-        block = ev[offset:offset + len(index)]
-        ws.refined_windows += int(refined[offset:offset + len(index)].sum())
-        offset += len(index)
-        if not ws.group_by_row_start:
-            ws.pieces[0].append(block.reshape(-1))
-            continue
-        groups = index[:, 1]
-        for g in torch.unique(groups).tolist():
-            ws.pieces[g].append(block[groups == g].reshape(-1))
+    for ws, numbers, _ in pending:
+        assert ws.window_values is not None and ws.window_errors is not None
+        end = offset + len(numbers)
+        ws.window_values[numbers] = ev[offset:end]
+        ws.window_errors[numbers] = errors[offset:end]
+        ws.refined_windows += int(refined[offset:end].sum())
+        offset = end
 
 
 def _check_matrix(w: torch.Tensor) -> torch.Tensor:
