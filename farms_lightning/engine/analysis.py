@@ -198,14 +198,17 @@ def analyze_layers(
             return plan if fitted is None else fitted
 
         results = parallel_map(finish, list(zip(layers, plans)), workers)
-        uncertain = [i for i, r in enumerate(results) if isinstance(r, WindowSet)]
-        if uncertain:
-            refined = refine_deferred([plans[i] for i in uncertain], workers)  # type: ignore[misc]
-            for i, ev in zip(uncertain, refined):
+        # Refine the windows that most often decide first, then (still uncertain) all deferred ones.
+        for stage in ("suspects", "all"):
+            uncertain = [i for i, r in enumerate(results) if isinstance(r, WindowSet)]
+            if not uncertain:
+                break
+            chosen = [plans[i] for i in uncertain]
+            suspects = [ws.first_suspects() for ws in chosen] if stage == "suspects" else None  # type: ignore[union-attr]
+            for i, ev in zip(uncertain, refine_deferred(chosen, workers, suspects)):  # type: ignore[arg-type]
                 spectra[id(plans[i])] = ev
-            defer = False
-            again = parallel_map(finish, [(layers[i], plans[i]) for i in uncertain], workers)
-            for i, found in zip(uncertain, again):
+            defer = stage == "suspects"
+            for i, found in zip(uncertain, parallel_map(finish, [(layers[i], plans[i]) for i in uncertain], workers)):
                 results[i] = found
         stats: list[LayerStats | None] = results  # type: ignore[assignment]
     if settings.get("random_baseline", True):

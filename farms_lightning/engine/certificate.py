@@ -46,7 +46,7 @@ def zeros_certain(values: torch.Tensor, errors: torch.Tensor) -> bool:
         return True
     threshold = ZERO_TOLERANCE * float(values[-1])
     low, high = values[uncertain] - errors[uncertain], values[uncertain] + errors[uncertain]
-    return not bool(((low <= threshold) & (high > threshold)).any()) and not bool((high <= threshold).any())
+    return not bool(((low <= threshold) & (high > threshold)).any())
 
 
 def fit_certain(values: torch.Tensor, errors: torch.Tensor, fit: PowerLawFit, method: str, peak_bound: str) -> bool:

@@ -36,11 +36,15 @@ CHUNK_ELEMENTS = 1 << 22
 #: margin of ~4 (the largest ratio at which a MiniLM window missed the bound unrefined: 1.5e-7).
 REFINE_RATIO = 1e-6
 
-#: The error bound of a deferred Gram eigenvalue, in units of ``eps·λmax`` of its window: the
-#: measured constant (``c <= 1.2``, see :data:`REFINE_RATIO`) with a margin of 6.7. It is measured,
-#: not proven (LAPACK's backward error bound for ``eigvalsh`` has an unstated constant): the test
-#: suite re-measures it on Gaussian, heavy-tailed, low-rank and real MiniLM windows up to 1000².
-GRAM_ERROR_FACTOR = 8.0
+#: The error bound of a deferred Gram eigenvalue: ``GRAM_ERROR_FACTOR·k·eps·λmax`` of its window,
+#: ``k`` the Gram product's inner dimension (the window's longer side). Forming the Gram matrix rounds
+#: every entry, a length-``k`` dot product, by at most ``k·eps`` of its magnitude, and the eigensolver
+#: is backward stable; the proven form of that bound (``k·eps·‖X‖_F²`` plus LAPACK's unstated
+#: constant) is not computable, so the bound is ``λmax`` in place of ``‖X‖_F²`` with a measured
+#: margin: every eigenvalue of Gaussian, heavy-tailed, low-rank and real MiniLM windows from 60² to
+#: 1000² is within ``0.07·k·eps·λmax`` of a float64 SVD's (at most ``2.2·eps·λmax`` below the median),
+#: a margin of 14 or more (``tests/test_certificate.py`` re-measures it).
+GRAM_ERROR_FACTOR = 1.0
 
 #: Each layer (window set) first solves this many of its windows by Gram + refinement; when most of
 #: them needed the SVD (square windows of trained weights often do, and nearly every 2000x2000 window
@@ -146,6 +150,26 @@ class WindowSet:
         mats = index[:, 0].to(device)
         return self.matrices[mats[:, None, None], rows[:, :, None], cols[:, None, :]]
 
+    def first_suspects(self) -> torch.Tensor:
+        """Deferred windows most likely to decide a certificate: refining them alone often settles it.
+
+        Per group, the window holding the smallest uncertain value (it sets the peak fit's histogram
+        range), and every deferred window whose smallest value is within twice its error bound of
+        zero (it may be a numerical zero, which changes the counts).
+        """
+        if self.window_values is None or self.window_errors is None:
+            return torch.empty(0, dtype=torch.long)
+        uncertain = self.window_errors > 0
+        smallest = torch.where(uncertain, self.window_values, torch.inf).amin(dim=1)
+        suspects = smallest <= 2 * self.window_errors.amax(dim=1)
+        rows = self.window_index()[:, 1]
+        for g in range(self.num_groups):
+            chosen = rows == g if self.group_by_row_start else torch.ones_like(rows, dtype=torch.bool)
+            lowest = torch.where(chosen, smallest, torch.inf)
+            if bool(torch.isfinite(lowest).any()):
+                suspects[int(torch.argmin(lowest))] = True
+        return torch.nonzero(suspects & (self.window_errors.amax(dim=1) > 0)).reshape(-1)
+
     def eigenvalues(self) -> list[torch.Tensor]:
         """Per group, the pooled eigenvalues sorted ascending (float64, CPU)."""
         return [values for values, _ in self.eigenvalues_with_errors()]
@@ -212,7 +236,7 @@ def _solve_windows(windows: torch.Tensor, mode: str) -> tuple[torch.Tensor, torc
     """:func:`window_eigenvalues` by ``mode`` (see ``_Part``), and each value's error bound.
 
     With ``mode="defer"`` nearly singular windows keep their Gram values, and each of their values at
-    or below ``REFINE_RATIO·λmax`` gets the error bound :data:`GRAM_ERROR_FACTOR` ``·eps·λmax`` (0
+    or below ``REFINE_RATIO·λmax`` gets the error bound :data:`GRAM_ERROR_FACTOR` ``·k·eps·λmax`` (0
     everywhere else), so that a caller refines only when a result depends on them
     (:mod:`farms_lightning.engine.certificate`).
     """
@@ -227,7 +251,7 @@ def _solve_windows(windows: torch.Tensor, mode: str) -> tuple[torch.Tensor, torc
         ev[structural] = 0.0
         svd = _needs_refinement(ev, zeros)
         if mode == "defer":
-            bound = GRAM_ERROR_FACTOR * torch.finfo(torch.float64).eps * ev[:, -1:]
+            bound = GRAM_ERROR_FACTOR * max(windows.shape[-2:]) * torch.finfo(torch.float64).eps * ev[:, -1:]
             uncertain = svd[:, None] & ~structural & (ev <= REFINE_RATIO * ev[:, -1:])
             errors = torch.where(uncertain, bound, errors)
             svd = torch.zeros_like(svd)
@@ -275,9 +299,12 @@ def compute_spectra(
     return [ws.eigenvalues() for ws in window_sets]
 
 
-def refine_deferred(window_sets: list[WindowSet], workers: int | None = None) -> list[list[torch.Tensor]]:
-    """Re-solve by a float64 SVD every window whose refinement was deferred; the sets' new spectra."""
-    parts = [(ws, ws.pending, "svd") for ws in window_sets]
+def refine_deferred(
+    window_sets: list[WindowSet], workers: int | None = None, windows: Optional[list[torch.Tensor]] = None
+) -> list[list[torch.Tensor]]:
+    """Re-solve by a float64 SVD the deferred windows (all, or each set's ``windows``); the new spectra."""
+    chosen = windows if windows is not None else [ws.pending for ws in window_sets]
+    parts = [(ws, numbers, "svd") for ws, numbers in zip(window_sets, chosen)]
     _solve_parts([part for part in parts if len(part[1])], workers or torch.get_num_threads(), None)
     return [ws.eigenvalues() for ws in window_sets]
 
