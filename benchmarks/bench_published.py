@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from farms_lightning.engine import spectra
+from farms_lightning.engine import window_solvers
 from farms_lightning.engine.windows import farms_grid
 from farms_lightning.functional import fit_power_law
 
@@ -98,8 +98,8 @@ class refinement_disabled:
     """Within the block no window is re-solved by the float64 SVD (Gram eigenvalues only)."""
 
     def __enter__(self) -> None:
-        self.saved = spectra.REFINE_RATIO
-        spectra.REFINE_RATIO = -1.0
+        self.saved = window_solvers.REFINE_RATIO
+        window_solvers.REFINE_RATIO = -1.0
 
     def __exit__(self, *exc: object) -> None:
-        spectra.REFINE_RATIO = self.saved
+        window_solvers.REFINE_RATIO = self.saved

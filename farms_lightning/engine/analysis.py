@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from farms_lightning.engine.baseline import random_baselines, with_baseline
+from farms_lightning.engine.certificate import fit_certain, metrics_certain, zeros_certain
 from farms_lightning.engine.esd_metrics import ESD_METRIC_NAMES, esd_metrics
 from farms_lightning.engine.layer_plans import MIN_WINDOW_SIDE, plan_layer
 from farms_lightning.engine.matrix_metrics import MATRIX_METRIC_NAMES, conv_matrices, whole_matrix_metrics
@@ -26,7 +27,7 @@ from farms_lightning.engine.powerlaw import (
     validate_fit_args,
 )
 from farms_lightning.engine.report import FARMSReport, LayerStats
-from farms_lightning.engine.spectra import DTypeLike, WindowSet, compute_spectra, resolve_dtype
+from farms_lightning.engine.spectra import DTypeLike, WindowSet, compute_spectra, refine_deferred, resolve_dtype
 from farms_lightning.engine.threads import parallel_map, single_threaded_ops
 from farms_lightning.engine.windows import validate_window_args
 from farms_lightning.models.layers import LayerMatrix, LayerTypes, Patterns, discover_layers
@@ -167,11 +168,9 @@ def analyze_layers(
     its earlier statistics instead of being analysed again. ``whole_matrix=False`` leaves the
     whole-matrix metrics out (``None``): the random baseline needs only alphas. ``on_windows(i,
     solved, total)`` hears, from worker threads, that ``solved`` more of the ``total`` windows of
-    ``layers[i]`` are solved (a progress bar over big layers). ``warm_starts`` (a dict kept by the
-    caller between analyses: layer name -> one vector per whole matrix) starts each ``lambda_max``
-    from the vector the last analysis found (``matrix_metrics.lambda_max_with_vector``; an entry of
-    the wrong count or lengths is ignored), and receives, in place, the new vectors of the layers
-    whose ``lambda_max`` was solved here.
+    ``layers[i]`` are solved (a progress bar over big layers). ``warm_starts`` (a dict the caller keeps:
+    layer name -> one vector per whole matrix) starts each ``lambda_max`` from the last analysis's vector
+    (ignored if of a wrong count or length) and gets, in place, the new vectors of the layers solved here.
     """
     owners: dict[tuple, str] = {}
     todo = set(range(len(layers))) if assigned is None else set(assigned)
@@ -181,27 +180,47 @@ def analyze_layers(
     reused = {i: cache[key] for i, key in frozen.items() if key is not None and key in cache}
     todo -= set(reused)
     workers = torch.get_num_threads()
+    # Nearly singular windows are refined only where a result depends on them (certificate.py),
+    # unless every eigenvalue is kept: kept ESDs are always fully refined.
+    defer = not keep_eigenvalues
     # Each analysed layer's warm starts, replaced by its new vectors (emptied when none were found).
     warm = {layers[i].name: _warm_slot(warm_starts.get(layers[i].name)) for i in todo} \
         if warm_starts is not None and whole_matrix else {}
     with torch.no_grad(), single_threaded_ops():  # parallel work runs on a pool instead (threads.py)
         plans = [plan_layer(layer, settings, owners, i in todo) for i, layer in enumerate(layers)]
         sets = [p for p in plans if isinstance(p, WindowSet)]
-        spectra = _solve_all(sets, settings["dtype"], workers, _window_reporter(plans, on_windows))
+        spectra = _solve_all(sets, settings["dtype"], workers, _window_reporter(plans, on_windows), defer)
 
-        def finish(item: tuple[LayerMatrix, LayerStats | WindowSet | None]) -> LayerStats | None:
+        def finish(item: tuple[LayerMatrix, LayerStats | WindowSet | None]) -> LayerStats | WindowSet | None:
+            """The layer's statistics; its window set when they depend on deferred values (refine it)."""
             layer, plan = item
             if not isinstance(plan, WindowSet):
                 return plan
+            found = spectra[id(plan)]
+            errors = None if isinstance(found, Exception) or not defer else [e for _, e in plan.eigenvalues_with_errors()]
             # The stored precision sets the flat-spectrum tolerance (float8 is analysed upcast).
             stored = layer.weight.dtype if layer.weight.is_floating_point() else plan.matrices.dtype
-            return _fit_layer(layer, spectra[id(plan)], stored, settings, whole_matrix, warm.get(layer.name))
+            fitted = _fit_layer(layer, found, stored, settings, whole_matrix, errors, warm.get(layer.name))
+            return plan if fitted is None else fitted
 
-        stats = parallel_map(finish, list(zip(layers, plans)), workers)
+        results = parallel_map(finish, list(zip(layers, plans)), workers)
+        # Refine the windows that most often decide first, then (still uncertain) all deferred ones.
+        for stage in ("suspects", "all"):
+            uncertain = [i for i, r in enumerate(results) if isinstance(r, WindowSet)]
+            if not uncertain:
+                break
+            chosen = [plans[i] for i in uncertain]
+            suspects = [ws.first_suspects() for ws in chosen] if stage == "suspects" else None  # type: ignore[union-attr]
+            for i, ev in zip(uncertain, refine_deferred(chosen, workers, suspects)):  # type: ignore[arg-type]
+                spectra[id(plans[i])] = ev
+            defer = stage == "suspects"
+            for i, found in zip(uncertain, parallel_map(finish, [(layers[i], plans[i]) for i in uncertain], workers)):
+                results[i] = found
+        stats: list[LayerStats | None] = results  # type: ignore[assignment]
     for i in todo:
-        found = warm.get(layers[i].name)
-        if found and stats[i] is not None and stats[i].lambda_max is not None:  # type: ignore[union-attr]
-            warm_starts[layers[i].name] = found  # type: ignore[index]
+        found_vectors = warm.get(layers[i].name)
+        if found_vectors and stats[i] is not None and stats[i].lambda_max is not None:  # type: ignore[union-attr]
+            warm_starts[layers[i].name] = found_vectors  # type: ignore[index]
     if settings.get("random_baseline", True):
         _add_baselines(layers, stats, settings)
     for i, cached in reused.items():
@@ -270,16 +289,18 @@ def _window_reporter(
 
 
 def _solve_all(
-    window_sets: list[WindowSet], dtype: DTypeLike, workers: int, on_solved: Callable[[WindowSet, int], None] | None
+    window_sets: list[WindowSet], dtype: DTypeLike, workers: int, on_solved: Callable[[WindowSet, int], None] | None,
+    defer: bool = False,
 ) -> dict[int, list[torch.Tensor] | Exception]:
     """Eigenvalues of every set, batched; on an error, set by set so one bad layer fails alone."""
     try:
-        return {id(ws): ev for ws, ev in zip(window_sets, compute_spectra(window_sets, dtype, workers, on_solved))}
+        solved = compute_spectra(window_sets, dtype, workers, on_solved, defer_refinement=defer)
+        return {id(ws): ev for ws, ev in zip(window_sets, solved)}
     except Exception:  # noqa: BLE001
         out: dict[int, list[torch.Tensor] | Exception] = {}
         for ws in window_sets:
-            try:
-                out[id(ws)] = compute_spectra([ws], dtype, workers)[0]  # (no window progress: the layer's end covers it)
+            try:  # (no window progress: the layer's end covers it)
+                out[id(ws)] = compute_spectra([ws], dtype, workers, defer_refinement=defer)[0]
             except Exception as error:  # noqa: BLE001
                 out[id(ws)] = error
         return out
@@ -287,12 +308,14 @@ def _solve_all(
 
 def _fit_layer(
     layer: LayerMatrix, spectra: list[torch.Tensor] | Exception, weight_dtype: torch.dtype, settings: dict[str, Any],
-    whole_matrix: bool = True, warm: list | None = None,
-) -> LayerStats:
+    whole_matrix: bool = True, errors: list[torch.Tensor] | None = None, warm: list | None = None,
+) -> LayerStats | None:
     """Fit every group's ESD; a conv layer's fit and ESD metrics are the block means (counts: totals).
 
     The whole-matrix metrics describe the weight matrix itself (a conv: its unscaled reshape, per
     group), whatever the ESD; ``alpha_weighted`` is the fitted alpha times its ``log_spectral_norm``.
+    With ``errors`` (each eigenvalue's error bound, :meth:`WindowSet.eigenvalues_with_errors`),
+    ``None`` when a count, fit or ESD metric could differ within them: the windows need refining.
     """
     base: dict[str, Any] = {"name": layer.name, "type": layer.module_type, "shape": layer.shape,
                             "num_params": layer.num_params}
@@ -300,10 +323,12 @@ def _fit_layer(
         return LayerStats(**base, status="failed", reason=f"eigenvalue error: {spectra!r}")
     fits: list[PowerLawFit] = []
     metrics: list[dict[str, float | None]] = []
-    for ev in spectra:
+    for group, ev in enumerate(spectra):
         values, dropped = nonzero_eigenvalues(ev)
         fit = fit_nonzero(values, dropped, settings["fit"], settings["min_eigenvalues"], settings["peak_bound"],
                           flat_tolerance_for(weight_dtype))
+        if errors is not None and not _certain(ev, errors[group], values, fit, settings):
+            return None
         fits.append(fit)
         metrics.append(esd_metrics(values, fit.alpha))
     counts: dict[str, Any] = {"num_evals": sum(f.num_evals for f in fits),
@@ -327,12 +352,23 @@ def _fit_layer(
     )
 
 
+def _certain(
+    ev: torch.Tensor, errors: torch.Tensor, values: torch.Tensor, fit: PowerLawFit, settings: dict[str, Any]
+) -> bool:
+    """Whether the counts, the fit and the ESD metrics of one ESD hold for every value within ``errors``."""
+    if not bool((errors > 0).any()):
+        return True
+    if not bool(torch.isfinite(ev).all()) or not zeros_certain(ev, errors):
+        return False
+    kept = errors[len(ev) - len(values):]  # nonzero_eigenvalues drops the smallest (sorted) values
+    return (fit_certain(values, kept, fit, settings["fit"], settings["peak_bound"])
+            and metrics_certain(values, kept, fit.alpha))
+
+
 def _whole_matrix(layer: LayerMatrix, spectra: list[torch.Tensor], settings: dict[str, Any],
                   warm: list | None = None) -> dict[str, Any]:
-    """Whole-matrix metrics of the layer (``None`` each if they cannot be computed).
-
-    ``warm``: the layer's warm starts, replaced in place by its new top vectors (emptied if none).
-    """
+    """Whole-matrix metrics of the layer (``None`` each if they cannot be computed); ``warm``, the
+    layer's warm starts, is replaced in place by its new top vectors (emptied if none)."""
     try:
         w = layer.oriented()
         matrices = conv_matrices(w, getattr(layer, "groups", 1)) if layer.is_conv else [w]
