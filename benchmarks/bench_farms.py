@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="skip the slow published ks loop and MiniLM training")
-    parser.add_argument("--only", choices=["whole-matrix", "callback"], help="run only these rows")
+    parser.add_argument("--only", choices=["whole-matrix", "callback", "targets"], help="run only these rows")
     parser.add_argument("--llm", action="store_true", help="add the LLaMA-7B block rows (minutes on CPU)")
     parser.add_argument("--llm-device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--stream-gb", type=float, default=0.0, help="add the streaming memory rows at this size")
@@ -48,6 +48,16 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     if args.only == "whole-matrix":
         whole_matrix_rows(add, r)
+        print_table(rows)
+        return
+    if args.only == "targets":
+        from bench_targets import target_rows
+
+        target_rows(add, r, args.quick)
+        if args.llm:
+            from bench_llm import llama_gram_rows
+
+            llama_gram_rows(args.llm_device, args.tiny, lambda name, s, mb, base=None: add(name, s, mb, base))
         print_table(rows)
         return
     if args.only == "callback":

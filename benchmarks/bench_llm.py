@@ -72,6 +72,34 @@ def llama_block_rows(device: str, tiny: bool, add: Callable[[str, float, float],
         f"{whole / 3600:.2f} hours", whole, math.nan)
 
 
+def llama_gram_rows(device: str, tiny: bool, add: Callable[..., None]) -> None:
+    """One LLaMA-7B 4096x4096 matrix at the llm preset against the Gram-only solve of its windows.
+
+    The Gram-only solve is the float64 Gram + ``eigvalsh`` of the same 100 windows (2000x2000), one
+    intra-op thread per window, the windows spread over the cores (the fastest way on a CPU, and the
+    engine's own way); ``analyze`` adds the peak fit, the refinement certificate and the exact
+    whole-matrix ``lambda_max``. Target: at most 1.3x.
+    """
+    from bench_common import measure
+    from bench_published import float64_floor
+
+    from farms_lightning.engine.windows import farms_grid
+
+    n = 4096 // 16 if tiny else 4096
+    w = heavy_tailed((n, n), seed=0).to(device)
+    grid = farms_grid(n, n, 2000, 1.0, 10)
+    assert grid is not None
+    rows = torch.tensor(grid.row_starts)[:, None] + torch.arange(grid.rows)
+    cols = torch.tensor(grid.col_starts)[:, None] + torch.arange(grid.cols)
+    stacks = [w[r][:, cols[j]][None] for r in rows for j in range(len(cols))]
+    t_gram, mb, _ = measure(lambda: float64_floor(stacks, torch.get_num_threads(), chunk=1), 1)
+    add(f"LLaMA-7B {n}x{n} (float16), llm preset windows: Gram-only float64 solve, spread over the cores",
+        t_gram, mb)
+    model = model_from_state_dict({"proj.weight": w})
+    t, mb, _ = measure(lambda: analyze(model, "llm", random_baseline=False), 1)
+    add(f"LLaMA-7B {n}x{n}, llm preset: analyze (peak fit, lambda_max included; target <= 1.3x)", t, mb, t_gram)
+
+
 def generate_checkpoint(folder: Path, size: int, shape: tuple[int, int] = (4096, 4096), shard: int = GiB) -> int:
     """A sharded safetensors checkpoint of about ``size`` bytes of float16 matrices; its real size."""
     from safetensors.torch import save_file

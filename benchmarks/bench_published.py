@@ -103,3 +103,65 @@ class refinement_disabled:
 
     def __exit__(self, *exc: object) -> None:
         window_solvers.REFINE_RATIO = self.saved
+
+
+def published_cnn_alphas(model: nn.Module, k: int = 9) -> dict[str, float]:
+    """The published CNN path (FARMS ``Tempbalance_FARMS.net_esd_estimator`` with the sliding window,
+    ``Q = 1``, median fit), transcribed: per conv, its kernel-position matrices (transposed tall),
+    ``rows // cols`` blocks of ``cols x cols`` scaled by sqrt(0.5), a float32 ``svdvals`` per block
+    and kernel position, one median fit per block (the reference's loop), the layer alpha their mean.
+    Linear layers: ``k x k`` fixed windows (its ``fixed_sampling``), float32 ``svdvals`` each."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            w = module.weight.detach().float()
+            mats = [w[:, :, i, j] for i in range(w.shape[2]) for j in range(w.shape[3])]
+            mats = [m.T if m.shape[0] < m.shape[1] else m for m in mats]
+            rows, cols = mats[0].shape
+            block_alphas = []
+            for b in range(rows // cols):
+                ev = torch.cat([torch.linalg.svdvals(m[b * cols:(b + 1) * cols, :cols] * 0.5 ** 0.5).square()
+                                for m in mats])
+                block_alphas.append(published_fit(torch.sort(ev).values, "median"))
+            out[name] = sum(block_alphas) / len(block_alphas)
+        elif isinstance(module, nn.Linear):
+            w = module.weight.detach().float()
+            grid = farms_grid(*w.shape, 100, 1.0, k)
+            ev = torch.cat([torch.linalg.svdvals(w[r:r + grid.rows, c:c + grid.cols]).square()
+                            for r in grid.row_starts for c in grid.col_starts])
+            out[name] = published_fit(torch.sort(ev).values, "median")
+    return out
+
+
+def float64_floor(stacks: list[torch.Tensor], workers: int, chunk: int = 64) -> None:
+    """Float64 Gram + ``eigvalsh`` of the windows, the fastest way the machine allows: one intra-op
+    thread per solve, chunks of ``chunk`` windows spread over ``workers`` threads (as the engine)."""
+    from farms_lightning.engine.threads import parallel_map, single_threaded_ops
+
+    chunks = [x[i:i + chunk] for x in stacks for i in range(0, len(x), chunk)]
+
+    def solve(x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        return torch.linalg.eigvalsh(x @ x.mT)
+
+    with single_threaded_ops():
+        parallel_map(solve, chunks, workers)
+
+
+def exact_full_esd_limit(model: nn.Module, workers: int) -> None:
+    """The exact limit of full ESDs: per matrix a float64 Gram + ``eigvalsh`` when it is well conditioned
+    (its smallest eigenvalue above 1e-6 of the largest, as the engine's test), else a float64 ``svdvals``;
+    one intra-op thread per solve, the matrices spread over ``workers`` threads."""
+    from farms_lightning.engine.threads import parallel_map, single_threaded_ops
+
+    mats = [m.weight.detach() for m in model.modules() if isinstance(m, nn.Linear)]
+
+    def solve(w: torch.Tensor) -> torch.Tensor:
+        x = w.double()
+        ev = torch.linalg.eigvalsh(x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x)
+        if ev[0] <= 1e-6 * ev[-1]:
+            return torch.linalg.svdvals(x).square()
+        return ev
+
+    with single_threaded_ops():
+        parallel_map(solve, mats, workers)

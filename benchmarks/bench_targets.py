@@ -1,0 +1,181 @@
+"""The performance targets of the epoch-end analysis, measured on weights that move between repeats.
+
+Run on a quiet machine:  python benchmarks/bench_farms.py --only targets [--repeats 3] [--llama]
+Before every timed repeat (not timed) each weight matrix moves by ``delta`` relative
+(``W += delta·‖W‖·N/‖N‖``, N Gaussian), so nothing is reused for free: an epoch of training on a
+digits MLP moves its matrices by 3e-2 to 6e-1. Each row says its baseline and target.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from bench_common import measure
+from bench_models import ResNet18, gpt2_small_blocks
+from bench_published import float64_floor, published_cnn_alphas, published_pipeline, window_stack
+from torch import nn
+
+from farms_lightning.engine import baseline
+from farms_lightning.engine.analysis import analyze_layers, resolve_settings
+from farms_lightning.engine.distributed import analyze_distributed
+from farms_lightning.engine.threads import parallel_map, single_threaded_ops
+from farms_lightning.models.layers import discover_layers
+
+Add = Callable[..., None]
+
+
+def move_weights(model: nn.Module, delta: float, generator: torch.Generator) -> None:
+    """Move every weight matrix (Linear, Conv) by ``delta`` relative in Frobenius norm, in place."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                w = module.weight
+                noise = torch.randn(w.shape, generator=generator, dtype=w.dtype)
+                w.add_(noise * (delta * w.norm() / noise.norm()))
+
+
+def moving(fn: Callable[[], Any], model: nn.Module, delta: float, repeats: int, seed: int = 0) -> tuple[float, float, Any]:
+    """``measure`` with the weights moved by ``delta`` before every repeat (outside the timing)."""
+    generator = torch.Generator().manual_seed(seed)
+    best, peak, result = math.inf, 0.0, None
+    for _ in range(repeats):
+        if delta:
+            move_weights(model, delta, generator)
+        seconds, mb, result = measure(fn, 1)
+        best, peak = min(best, seconds), max(peak, mb)
+    return best, peak, result
+
+
+def epoch_analysis(model: nn.Module, matrix_metrics: bool = False, **options: Any) -> Callable[[], Any]:
+    """FARMSCallback's per-epoch analysis: its default settings (random baseline, cached after the
+    first call), its ``analyze_distributed`` call, whole-matrix metrics only when asked (its default:
+    not asked), warm starts kept between calls as the callback keeps them."""
+    settings = resolve_settings(**options)
+    warm: dict[str, list[torch.Tensor]] = {}
+
+    def run() -> Any:
+        return analyze_distributed(model, settings, frozen_cache={}, split_qkv=False, whole_matrix=matrix_metrics,
+                                   warm_starts=warm if matrix_metrics else None)[0]
+
+    run()  # fills the baseline cache (and the warm starts), as the callback's first analysis does
+    return run
+
+
+def gpt2_rows(add: Add, r: int, quick: bool) -> None:
+    gpt2 = gpt2_small_blocks()
+    workers = torch.get_num_threads()
+    stacks = window_stack(gpt2, 100, 9)
+    t_floor, mb, _ = measure(lambda: float64_floor(stacks, workers), r)
+    add("GPT-2 cv windows: float64 floor (Gram + eigvalsh, one thread per solve, spread over the cores)",
+        t_floor, mb)
+    t_batched, mb, _ = measure(lambda: torch.linalg.eigvalsh((x := torch.cat(stacks).double()) @ x.mT), r)
+    add("GPT-2 cv windows: float64 Gram + eigvalsh, one batched call, torch's own threading", t_batched, mb, t_floor)
+    t_pub, mb, _ = measure(lambda: published_pipeline(gpt2, 100, 9, "median"), r)
+    add("GPT-2 cv median: published pipeline (svdvals loop + fit loop)", t_pub, mb)
+    for delta in (1e-2, 1e-1):
+        run = epoch_analysis(gpt2)
+        t, mb, _ = moving(run, gpt2, delta, r)
+        add(f"GPT-2 cv median, callback defaults, weights moving {delta:g} (vs floor; target <= 1.3x)",
+            t, mb, t_floor)
+        add(f"GPT-2 cv median, callback defaults, weights moving {delta:g} (vs published; target >= 1.2x)",
+            t, mb, t_pub)
+    run = epoch_analysis(gpt2, matrix_metrics=True)
+    t, mb, _ = moving(run, gpt2, 1e-2, r)
+    add("GPT-2 cv median, whole-matrix metrics asked for (warm-started lambda_max), moving 1e-2 (vs floor)",
+        t, mb, t_floor)
+    layers = discover_layers(gpt2, split_qkv=False)
+    settings = resolve_settings(random_baseline=False)
+    t, mb, _ = moving(lambda: analyze_layers(layers, settings), gpt2, 1e-2, r)
+    add("GPT-2 cv median, analyze() defaults (whole-matrix metrics, cold lambda_max), moving 1e-2 (vs floor)",
+        t, mb, t_floor)
+
+    # peak, cv preset: the published pipeline is slow (its per-candidate loop): one run.
+    t_pub, mb, _ = measure(lambda: published_pipeline(gpt2, 100, 9, "peak"), 1)
+    add("GPT-2 cv peak: published pipeline (1 run)", t_pub, mb)
+    t, mb, _ = moving(epoch_analysis(gpt2, fit="peak"), gpt2, 1e-2, r)
+    add("GPT-2 cv peak, callback defaults, weights moving 1e-2 (target >= 10x)", t, mb, t_pub)
+
+    # Full ESD + ks against its exact limit (the solver each matrix needs, chosen beforehand).
+    mats = [m.weight.detach() for m in gpt2.modules() if isinstance(m, nn.Linear)]
+    t_exact, mb, _ = measure(lambda: exact_limit(mats, workers), r)
+    add("GPT-2 full ESD: exact limit (float64 eigvalsh of Gram / svdvals if near-singular, spread)", t_exact, mb)
+    t, mb, _ = moving(lambda: analyze_layers(layers, resolve_settings(esd="full", fit="ks", random_baseline=False)),
+                      gpt2, 1e-2, r)
+    add("GPT-2 full ESD ks: analyze (whole-matrix metrics included), moving 1e-2 (target <= 1.3x)", t, mb, t_exact)
+
+    # llm preset (m clamps to 768, k = 10) against the published float32 svdvals loop.
+    if not quick:
+        t_pub, mb, _ = measure(lambda: published_pipeline(gpt2, 2000, 10, None), r)
+        add("GPT-2 llm preset: published float32 svdvals loop (eigenvalues only)", t_pub, mb)
+        t, mb, _ = moving(lambda: analyze_layers(layers, resolve_settings("llm", random_baseline=False)), gpt2, 1e-2, r)
+        add("GPT-2 llm preset: analyze (peak fit, whole-matrix metrics), moving 1e-2 (target >= 1.5x)", t, mb, t_pub)
+
+
+def exact_limit(mats: list[torch.Tensor], workers: int) -> None:
+    """Float64 ``eigvalsh`` of the Gram matrix of well-conditioned matrices, ``svdvals`` of the others."""
+    def solve(w: torch.Tensor) -> torch.Tensor:
+        x = w.double()
+        if _near_singular(w):
+            return torch.linalg.svdvals(x)
+        return torch.linalg.eigvalsh(x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x)
+
+    with single_threaded_ops():
+        parallel_map(solve, mats, workers)
+
+
+_SINGULAR: dict[tuple, bool] = {}
+
+
+def _near_singular(w: torch.Tensor) -> bool:
+    """Whether the smallest squared singular value is at most 1e-6 of the largest (classified once)."""
+    key = (w.data_ptr(), tuple(w.shape))
+    if key not in _SINGULAR:
+        s = torch.linalg.svdvals(w.double())
+        _SINGULAR[key] = bool(s[-1] ** 2 <= 1e-6 * s[0] ** 2)
+    return _SINGULAR[key]
+
+
+def resnet_rows(add: Add, r: int) -> None:
+    torch.manual_seed(0)
+    resnet = ResNet18()
+    trained = ResNet18()
+    opt = torch.optim.SGD(trained.parameters(), lr=0.01, momentum=0.9)
+    inputs, labels = torch.randn(128, 3, 32, 32), torch.randint(0, 100, (128,))
+
+    def step() -> None:
+        opt.zero_grad()
+        nn.functional.cross_entropy(trained(inputs), labels).backward()
+        opt.step()
+
+    t_step, mb, _ = measure(step, r)
+    add("ResNet-18 (CIFAR, 32x32): one training step, batch 128", t_step, mb)
+    t, mb, _ = moving(epoch_analysis(resnet), resnet, 1e-2, r)
+    add("ResNet-18: callback epoch analysis, defaults, moving 1e-2 (ratio: step / analysis; target >= 4x)",
+        t, mb, t_step)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t_pub, mb, _ = measure(lambda: published_cnn_alphas(resnet), r)
+        add("ResNet-18, 1 thread: published CNN path (Tempbalance_FARMS ESD, float32 svdvals, median)", t_pub, mb)
+        t, mb, _ = moving(epoch_analysis(resnet), resnet, 1e-2, r)
+        add("ResNet-18, 1 thread: callback epoch analysis, defaults, moving 1e-2 (target: faster)", t, mb, t_pub)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def baseline_rows(add: Add, r: int) -> None:
+    """The callback's per-epoch cost with the random baseline cached against without it (target <= 1.1x)."""
+    for label, model in (("ResNet-18", ResNet18()), ("GPT-2 blocks", gpt2_small_blocks())):
+        t_plain, mb, _ = moving(epoch_analysis(model, random_baseline=False), model, 1e-2, r)
+        add(f"{label}: callback epoch analysis, random_baseline=False, moving 1e-2", t_plain, mb)
+        baseline.clear_cache()
+        t_cached, mb, _ = moving(epoch_analysis(model), model, 1e-2, r)
+        add(f"{label}: the same with the random baseline cached (target: >= 0.91x)", t_cached, mb, t_plain)
+
+
+def target_rows(add: Add, r: int, quick: bool = False) -> None:
+    gpt2_rows(add, r, quick)
+    resnet_rows(add, r)
+    baseline_rows(add, r)
