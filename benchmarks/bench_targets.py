@@ -99,7 +99,8 @@ def gpt2_rows(add: Add, r: int, quick: bool) -> None:
 
     # Full ESD + ks against its exact limit (the solver each matrix needs, chosen beforehand).
     mats = [m.weight.detach() for m in gpt2.modules() if isinstance(m, nn.Linear)]
-    t_exact, mb, _ = measure(lambda: exact_limit(mats, workers), r)
+    singular = [_near_singular(w) for w in mats]  # classified before the timing
+    t_exact, mb, _ = measure(lambda: exact_limit(mats, singular, workers), r)
     add("GPT-2 full ESD: exact limit (float64 eigvalsh of Gram / svdvals if near-singular, spread)", t_exact, mb)
     t, mb, _ = moving(lambda: analyze_layers(layers, resolve_settings(esd="full", fit="ks", random_baseline=False)),
                       gpt2, 1e-2, r)
@@ -113,28 +114,22 @@ def gpt2_rows(add: Add, r: int, quick: bool) -> None:
         add("GPT-2 llm preset: analyze (peak fit, whole-matrix metrics), moving 1e-2 (target >= 1.5x)", t, mb, t_pub)
 
 
-def exact_limit(mats: list[torch.Tensor], workers: int) -> None:
+def exact_limit(mats: list[torch.Tensor], singular: list[bool], workers: int) -> None:
     """Float64 ``eigvalsh`` of the Gram matrix of well-conditioned matrices, ``svdvals`` of the others."""
-    def solve(w: torch.Tensor) -> torch.Tensor:
-        x = w.double()
-        if _near_singular(w):
+    def solve(item: tuple[torch.Tensor, bool]) -> torch.Tensor:
+        x = item[0].double()
+        if item[1]:
             return torch.linalg.svdvals(x)
         return torch.linalg.eigvalsh(x @ x.T if x.shape[0] <= x.shape[1] else x.T @ x)
 
     with single_threaded_ops():
-        parallel_map(solve, mats, workers)
-
-
-_SINGULAR: dict[tuple, bool] = {}
+        parallel_map(solve, list(zip(mats, singular)), workers)
 
 
 def _near_singular(w: torch.Tensor) -> bool:
-    """Whether the smallest squared singular value is at most 1e-6 of the largest (classified once)."""
-    key = (w.data_ptr(), tuple(w.shape))
-    if key not in _SINGULAR:
-        s = torch.linalg.svdvals(w.double())
-        _SINGULAR[key] = bool(s[-1] ** 2 <= 1e-6 * s[0] ** 2)
-    return _SINGULAR[key]
+    """Whether the smallest squared singular value is at most 1e-6 of the largest (the engine's test)."""
+    s = torch.linalg.svdvals(w.double())
+    return bool(s[-1] ** 2 <= 1e-6 * s[0] ** 2)
 
 
 def resnet_rows(add: Add, r: int) -> None:

@@ -47,7 +47,7 @@ from farms_lightning.files.safe_io import (
 from farms_lightning.models.layers import LayerMatrix
 
 #: Part of every key: raise it when a change alters the statistics without a new release.
-CACHE_FORMAT = 3  # 2: layers too small to judge have their own status; 3: entries name their key, checksum
+CACHE_FORMAT = 4  # 2: too-small status; 3: entries name their key, checksum; 4: certified refinement
 #: Failures that depend on the run (memory, device), not on the weights: never cached.
 TRANSIENT = ("analysis error", "eigenvalue error")
 
