@@ -27,7 +27,13 @@ from farms_lightning.engine.powerlaw import (
     validate_fit_args,
 )
 from farms_lightning.engine.report import FARMSReport, LayerStats
-from farms_lightning.engine.spectra import DTypeLike, WindowSet, compute_spectra, refine_deferred, resolve_dtype
+from farms_lightning.engine.spectra import (
+    DTypeLike,
+    WindowSet,
+    refine_deferred,
+    resolve_dtype,
+    solve_window_sets,
+)
 from farms_lightning.engine.threads import parallel_map, single_threaded_ops
 from farms_lightning.engine.windows import validate_window_args
 from farms_lightning.models.layers import LayerMatrix, LayerTypes, Patterns, discover_layers
@@ -197,7 +203,10 @@ def analyze_layers(
             if not isinstance(plan, WindowSet):
                 return plan
             found = spectra[id(plan)]
-            errors = None if isinstance(found, Exception) or not defer else [e for _, e in plan.eigenvalues_with_errors()]
+            errors = None
+            if defer and not isinstance(found, Exception):  # sorted here, on the pool
+                pairs = plan.eigenvalues_with_errors()
+                found, errors = [v for v, _ in pairs], [e for _, e in pairs]
             # The stored precision sets the flat-spectrum tolerance (float8 is analysed upcast).
             stored = layer.weight.dtype if layer.weight.is_floating_point() else plan.matrices.dtype
             fitted = _fit_layer(layer, found, stored, settings, whole_matrix, errors, warm.get(layer.name))
@@ -292,15 +301,22 @@ def _solve_all(
     window_sets: list[WindowSet], dtype: DTypeLike, workers: int, on_solved: Callable[[WindowSet, int], None] | None,
     defer: bool = False,
 ) -> dict[int, list[torch.Tensor] | Exception]:
-    """Eigenvalues of every set, batched; on an error, set by set so one bad layer fails alone."""
+    """Eigenvalues of every set, batched; on an error, set by set so one bad layer fails alone.
+
+    Deferred sets are only solved here (empty lists): their eigenvalues are sorted by the fits, in parallel.
+    """
+    def solved(ws: WindowSet) -> list[torch.Tensor]:
+        return [] if defer else ws.eigenvalues()
+
     try:
-        solved = compute_spectra(window_sets, dtype, workers, on_solved, defer_refinement=defer)
-        return {id(ws): ev for ws, ev in zip(window_sets, solved)}
+        solve_window_sets(window_sets, dtype, workers, on_solved, defer_refinement=defer)
+        return {id(ws): solved(ws) for ws in window_sets}
     except Exception:  # noqa: BLE001
         out: dict[int, list[torch.Tensor] | Exception] = {}
         for ws in window_sets:
             try:  # (no window progress: the layer's end covers it)
-                out[id(ws)] = compute_spectra([ws], dtype, workers, defer_refinement=defer)[0]
+                solve_window_sets([ws], dtype, workers, defer_refinement=defer)
+                out[id(ws)] = solved(ws)
             except Exception as error:  # noqa: BLE001
                 out[id(ws)] = error
         return out

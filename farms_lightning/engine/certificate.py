@@ -78,22 +78,37 @@ def fit_certain(values: torch.Tensor, errors: torch.Tensor, fit: PowerLawFit, me
 
 
 def metrics_certain(values: torch.Tensor, errors: torch.Tensor, alpha: float | None) -> bool:
-    """Whether ``entropy`` and ``log_alpha_norm`` stay within ``METRIC_RTOL`` for every value in ``± errors``."""
+    """Whether ``entropy`` and ``log_alpha_norm`` stay within ``METRIC_RTOL`` for every value in ``± errors``.
+
+    With ``S = Σλ`` and ``G = Σ λ ln λ``, ``entropy · ln n = ln S - G/S``, which rises with every value
+    below the p-weighted mean log ``G/S`` (checked for the uncertain ones, with a margin);
+    ``log_alpha_norm = log10 Σ λ^alpha`` rises with every value. So both are bracketed by their values
+    with every uncertain value at its lower and at its upper end: the certain part is summed once.
+    """
     uncertain = errors > 0
     if not bool(uncertain.any()):
         return True
-    low, high = values - errors, values + errors
-    # Both metrics rise with every value below the ESD's p-weighted mean log (entropy), resp. with
-    # every value (log_alpha_norm); check the first, with a margin, so that the ends bracket them.
-    mean_log = float((low * torch.log(low)).sum() / low.sum())
-    if not float(torch.log(high[uncertain]).max()) < mean_log - 1e-3:
-        return False
-    at_low, at_high, at_values = esd_metrics(low, alpha), esd_metrics(high, alpha), esd_metrics(values, alpha)
+    certain = values[~uncertain]
+    ends = (values[uncertain] - errors[uncertain], values[uncertain] + errors[uncertain])
+    at_values = esd_metrics(values, alpha)
+    log_certain = torch.log(certain)
+    s_certain, g_certain = float(certain.sum()), float((certain * log_certain).sum())
+    brackets: dict[str, list[float]] = {"entropy": [], "log_alpha_norm": []}
+    for end in ends:
+        log_end = torch.log(end)
+        s = s_certain + float(end.sum())
+        g = g_certain + float((end * log_end).sum())
+        if end is ends[0] and not float(log_end.max()) < g / s - 1e-3:
+            return False  # not monotone over the intervals: cannot bracket (refine)
+        brackets["entropy"].append((math.log(s) - g / s) / math.log(len(values)) if len(values) > 1 else 0.0)
+        if alpha is not None:
+            total = torch.logaddexp(torch.logsumexp(alpha * log_certain, 0), torch.logsumexp(alpha * log_end, 0))
+            brackets["log_alpha_norm"].append(float(total) / math.log(10))
     for name, value in at_values.items():
         if value is None:
             continue
-        lo, hi = at_low[name], at_high[name]
-        if lo is None or hi is None or not abs(hi - lo) <= METRIC_RTOL * abs(value):
+        low, high = brackets[name]
+        if not abs(high - low) <= METRIC_RTOL * abs(value):
             return False
     return True
 

@@ -178,7 +178,16 @@ def compute_spectra(
     window_sets: list[WindowSet], dtype: DTypeLike = None, workers: int | None = None, on_solved: OnSolved = None,
     defer_refinement: bool = False,
 ) -> list[list[torch.Tensor]]:
-    """Solve all windows of all sets, batching windows of equal shape across sets.
+    """Solve all windows of all sets (:func:`solve_window_sets`); per set, its groups' sorted eigenvalues."""
+    solve_window_sets(window_sets, dtype, workers, on_solved, defer_refinement)
+    return [ws.eigenvalues() for ws in window_sets]
+
+
+def solve_window_sets(
+    window_sets: list[WindowSet], dtype: DTypeLike = None, workers: int | None = None, on_solved: OnSolved = None,
+    defer_refinement: bool = False,
+) -> None:
+    """Solve all windows of all sets, batching windows of equal shape across sets (results in the sets).
 
     Two passes: every set's first :data:`PILOT_WINDOWS` windows, then the rest, by SVD directly for
     a set whose pilot windows mostly needed it. With ``defer_refinement`` one pass, by Gram
@@ -186,8 +195,7 @@ def compute_spectra(
     (:meth:`WindowSet.eigenvalues_with_errors`) until :func:`refine_deferred`. CPU batches are
     spread over ``workers`` threads (default: torch's thread count), each op on one intra-op thread
     (see :mod:`farms_lightning.engine.threads`). ``on_solved(set, count)`` hears of every solved
-    batch, from the worker threads (progress bars). Returns, for each set, the sorted float64
-    eigenvalues of each of its groups.
+    batch, from the worker threads (progress bars).
     """
     resolve_dtype(dtype)  # validates: float64 is the only solver
     workers = workers or torch.get_num_threads()
@@ -197,12 +205,11 @@ def compute_spectra(
         numbers.append(torch.arange(ws.num_windows))
     if defer_refinement:
         _solve_parts([(ws, n, "defer") for ws, n in zip(window_sets, numbers)], workers, on_solved)
-        return [ws.eigenvalues() for ws in window_sets]
+        return
     _solve_parts([(ws, n[:PILOT_WINDOWS], "gram") for ws, n in zip(window_sets, numbers)], workers, on_solved)
     rest = [(ws, n[PILOT_WINDOWS:], "svd" if 2 * ws.refined_windows > PILOT_WINDOWS else "gram")
             for ws, n in zip(window_sets, numbers) if len(n) > PILOT_WINDOWS]
     _solve_parts(rest, workers, on_solved)
-    return [ws.eigenvalues() for ws in window_sets]
 
 
 def refine_deferred(
