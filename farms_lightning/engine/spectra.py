@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
+from farms_lightning.engine import shared_gram
 from farms_lightning.engine.threads import parallel_map, single_threaded_ops
 from farms_lightning.engine.window_solvers import (  # noqa: F401 - re-exported: the solvers' public names
     FLOAT32_REFUSED,
@@ -28,6 +29,7 @@ from farms_lightning.engine.window_solvers import (  # noqa: F401 - re-exported:
     REFINE_RATIO,
     DTypeLike,
     _solve_windows,
+    finish_gram_eigenvalues,
     gram_eigenvalues,
     resolve_dtype,
     structural_zeros,
@@ -223,11 +225,21 @@ def refine_deferred(
 
 
 def _solve_parts(parts: list[_Part], workers: int, on_solved: OnSolved) -> None:
-    """Solve every part, in batches of equal window shape (and solver) bounded by :data:`CHUNK_ELEMENTS`."""
+    """Solve every part, in batches of equal window shape (and solver) bounded by :data:`CHUNK_ELEMENTS`.
+
+    Overlapping windows solved by Gram matrices go in batches of one band each, built from shared
+    pieces (:mod:`farms_lightning.engine.shared_gram`).
+    """
     by_shape: dict[tuple, list[_Part]] = defaultdict(list)
-    for ws, numbers, mode in parts:
-        by_shape[(ws.grid.rows, ws.grid.cols, ws.matrices.device, mode)].append((ws, numbers, mode))
     batches: list[list[_Part]] = []
+    for ws, numbers, mode in parts:
+        if mode != "svd" and len(numbers) > 1 and shared_gram.overlap(ws.grid) >= shared_gram.MIN_OVERLAP:
+            bands: dict[tuple[int, int], list[int]] = defaultdict(list)
+            for number, row in zip(numbers.tolist(), ws.window_index()[numbers]):
+                bands[shared_gram.band_key(ws.grid, row)].append(number)
+            batches += [[(ws, torch.tensor(band), mode + ":shared")] for band in bands.values()]
+            continue
+        by_shape[(ws.grid.rows, ws.grid.cols, ws.matrices.device, mode)].append((ws, numbers, mode))
     any_cpu = False
     for (rows, cols, device, _), members in by_shape.items():
         total = sum(len(numbers) for _, numbers, _ in members)
@@ -267,7 +279,9 @@ def _solve_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Eigenvalues, SVD-solved masks and error bounds (CPU) of every batch; CPU batches run on a pool."""
     def solve(pending: list[_Part]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        first = pending[0][0]
+        first, mode = pending[0][0], pending[0][2]
+        if mode.endswith(":shared"):
+            return _solve_band(first, pending[0][1], mode.removesuffix(":shared"), on_solved)
         windows = torch.empty((sum(len(numbers) for _, numbers, _ in pending), first.grid.rows, first.grid.cols),
                               dtype=torch.float64, device=first.matrices.device)
         offset = 0
@@ -283,6 +297,21 @@ def _solve_batches(
 
     with single_threaded_ops():
         return parallel_map(solve, batches, workers)
+
+
+def _solve_band(
+    ws: WindowSet, numbers: torch.Tensor, mode: str, on_solved: OnSolved
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One band of overlapping windows: Gram matrices from shared pieces, then as any Gram solve."""
+    index = ws.window_index()[numbers]
+    grams, zeros = shared_gram.band_grams(ws.matrices, ws.grid, index)
+    ev = torch.linalg.eigvalsh(grams).clamp_min_(0)
+    del grams
+    ev, refined, errors = finish_gram_eigenvalues(ev, zeros, mode, max(ws.grid.rows, ws.grid.cols),
+                                                  lambda chosen: ws.extract(index[chosen.cpu()]).to(torch.float64))
+    if on_solved is not None:
+        on_solved(ws, len(numbers))
+    return ev.cpu(), refined.cpu(), errors.cpu()
 
 
 def _distribute(pending: list[_Part], ev: torch.Tensor, refined: torch.Tensor, errors: torch.Tensor) -> None:

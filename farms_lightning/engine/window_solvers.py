@@ -9,7 +9,7 @@ and columns give exact zero eigenvalues (:func:`structural_zeros`). There is no 
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Callable, Union
 
 import torch
 
@@ -114,22 +114,36 @@ def _solve_windows(windows: torch.Tensor, mode: str) -> tuple[torch.Tensor, torc
     everywhere else), so that a caller refines only when a result depends on them
     (:mod:`farms_lightning.engine.certificate`).
     """
-    size = min(windows.shape[-2:])
     zeros = structural_zeros(windows)
-    errors = torch.zeros(len(windows), size, dtype=torch.float64, device=windows.device)
     if mode == "svd":
-        ev, svd = svd_eigenvalues(windows), torch.ones(len(windows), dtype=torch.bool, device=windows.device)
-    else:
-        ev = gram_eigenvalues(windows)
-        structural = torch.arange(size, device=ev.device) < zeros[:, None]
+        size = min(windows.shape[-2:])
+        ev = svd_eigenvalues(windows)
+        ev[torch.arange(size, device=ev.device) < zeros[:, None]] = 0.0
+        errors = torch.zeros(len(windows), size, dtype=torch.float64, device=windows.device)
+        return ev, torch.ones(len(windows), dtype=torch.bool), errors
+    return finish_gram_eigenvalues(gram_eigenvalues(windows), zeros, mode, max(windows.shape[-2:]),
+                                   lambda chosen: windows[chosen])
+
+
+def finish_gram_eigenvalues(
+    ev: torch.Tensor, zeros: torch.Tensor, mode: str, long_side: int, windows: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gram eigenvalues ``ev`` (B, size) -> exact structural zeros, then refinement by ``mode``.
+
+    ``"gram"``: nearly singular windows re-solved by the SVD (``windows(mask)`` gives them);
+    ``"defer"``: their small values get error bounds instead. Returns eigenvalues, SVD-solved mask, bounds.
+    """
+    size = ev.shape[-1]
+    errors = torch.zeros_like(ev)
+    structural = torch.arange(size, device=ev.device) < zeros[:, None]
+    ev[structural] = 0.0
+    svd = _needs_refinement(ev, zeros)
+    if mode == "defer":
+        bound = GRAM_ERROR_FACTOR * long_side * torch.finfo(torch.float64).eps * ev[:, -1:]
+        uncertain = svd[:, None] & ~structural & (ev <= REFINE_RATIO * ev[:, -1:])
+        errors = torch.where(uncertain, bound, errors)
+        svd = torch.zeros_like(svd)
+    elif bool(svd.any()):
+        ev[svd] = svd_eigenvalues(windows(svd))
         ev[structural] = 0.0
-        svd = _needs_refinement(ev, zeros)
-        if mode == "defer":
-            bound = GRAM_ERROR_FACTOR * max(windows.shape[-2:]) * torch.finfo(torch.float64).eps * ev[:, -1:]
-            uncertain = svd[:, None] & ~structural & (ev <= REFINE_RATIO * ev[:, -1:])
-            errors = torch.where(uncertain, bound, errors)
-            svd = torch.zeros_like(svd)
-        elif bool(svd.any()):
-            ev[svd] = svd_eigenvalues(windows[svd])
-    ev[torch.arange(size, device=ev.device) < zeros.to(ev.device)[:, None]] = 0.0
     return ev, svd.cpu(), errors
