@@ -54,10 +54,6 @@ def main() -> None:
         from bench_targets import target_rows
 
         target_rows(add, r, args.quick)
-        if args.llm:
-            from bench_llm import llama_gram_rows
-
-            llama_gram_rows(args.llm_device, args.tiny, lambda name, s, mb, base=None: add(name, s, mb, base))
         print_table(rows)
         return
     if args.only == "callback":
@@ -68,9 +64,10 @@ def main() -> None:
     if not args.llm_only:
         model_rows(args, r, add)
     if args.llm or args.stream_gb:
-        from bench_llm import llama_block_rows, streaming_rows
+        from bench_llm import llama_block_rows, llama_gram_rows, streaming_rows
 
         if args.llm:
+            llama_gram_rows(args.llm_device, args.tiny, lambda name, s, mb, base=None: add(name, s, mb, base))
             llama_block_rows(args.llm_device, args.tiny, lambda name, s, mb: add(name, s, mb), measure)
         if args.stream_gb:
             streaming_rows(args.stream_gb, lambda name, s, mb: add(name, s, mb), args.tiny)

@@ -132,11 +132,11 @@ def group_budget(device: torch.device, max_memory: int | None, largest: int) -> 
     """Bytes of weights to hold on ``device`` at once, so that with the solver's batches the working
     set stays within ``max_memory`` (default on a GPU: 90% of its free memory; on CPU: no bound
     beyond the default group). Exit 2 when even the largest tensor does not fit."""
-    from farms_lightning.engine.spectra import CHUNK_ELEMENTS
+    from farms_lightning.engine.spectra import SOLVER_BYTES_PER_WORKER
 
     workers = torch.get_num_threads() if device.type == "cpu" else 1
     # Per batch: the windows in the weights' dtype, in float64, the Gram matrices and eigvalsh's workspace.
-    solver = 3 * 8 * CHUNK_ELEMENTS * workers
+    solver = SOLVER_BYTES_PER_WORKER * workers
     if max_memory is None and device.type == "cuda":
         max_memory = int(0.9 * torch.cuda.mem_get_info(device)[0])
     if max_memory is None:

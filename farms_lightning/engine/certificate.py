@@ -121,7 +121,7 @@ def _peak_window(
     ``None`` when the fullest histogram bin or the candidate set of certified values could differ.
     """
     n = len(values)
-    if above >= n:
+    if above >= n or not float(low_sorted[0]) > 0:
         return None
     high = math.log10(float(values[-1]))
     lows = (math.log10(float(low_sorted[0])), math.log10(float(high_sorted[0])))

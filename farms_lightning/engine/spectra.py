@@ -43,6 +43,13 @@ from farms_lightning.engine.windows import WindowGrid, farms_grid, validate_wind
 CHUNK_ELEMENTS = 1 << 20
 
 
+#: Overlapping windows are built from shared pieces only when the Gram matrices of a whole band fit
+#: in this many float64 elements (64 MiB: ten 768x768 windows of GPT-2's llm preset, not 2000x2000).
+BAND_ELEMENTS = 1 << 23
+#: What one worker's batch may hold, for memory budgets (``--max-memory``): windows, their float64
+#: copies and Gram matrices, and eigvalsh's workspace (96 MiB).
+SOLVER_BYTES_PER_WORKER = 3 * 8 * (1 << 22)
+
 #: Each layer (window set) first solves this many of its windows by Gram + refinement; when most of
 #: them needed the SVD (square windows of trained weights often do, and nearly every 2000x2000 window
 #: of the ``llm`` preset), its other windows go to the SVD directly, which is then cheaper than a Gram
@@ -237,8 +244,12 @@ def _solve_parts(parts: list[_Part], workers: int, on_solved: OnSolved) -> None:
             bands: dict[tuple[int, int], list[int]] = defaultdict(list)
             for number, row in zip(numbers.tolist(), ws.window_index()[numbers]):
                 bands[shared_gram.band_key(ws.grid, row)].append(number)
-            batches += [[(ws, torch.tensor(band), mode + ":shared")] for band in bands.values()]
-            continue
+            outer = min(ws.grid.rows, ws.grid.cols)
+            # Only bands whose Gram matrices fit together: for larger windows (2000x2000) the shared
+            # products, memory-bound, were slower than direct ones on two busy cores (80 s vs 54 s).
+            if max(map(len, bands.values())) * outer ** 2 <= BAND_ELEMENTS:
+                batches += [[(ws, torch.tensor(band), mode + ":shared")] for band in bands.values()]
+                continue
         by_shape[(ws.grid.rows, ws.grid.cols, ws.matrices.device, mode)].append((ws, numbers, mode))
     any_cpu = False
     for (rows, cols, device, _), members in by_shape.items():
