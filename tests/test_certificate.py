@@ -8,7 +8,7 @@ import torch
 from conftest import heavy_tailed
 
 from farms_lightning import analyze
-from farms_lightning.engine import analysis, certificate
+from farms_lightning.engine import certificate, layer_spectra
 from farms_lightning.engine.esd_metrics import esd_metrics
 from farms_lightning.engine.powerlaw import fit_nonzero
 from farms_lightning.engine.spectra import GRAM_ERROR_FACTOR, REFINE_RATIO, gram_eigenvalues, svd_eigenvalues
@@ -154,14 +154,14 @@ def _planted(ratio: float, seed: int = 11) -> torch.Tensor:
 
 def _count_refinements(monkeypatch) -> list[int]:
     refined: list[int] = []
-    original = analysis.refine_deferred
+    original = layer_spectra.refine_deferred
 
     def counting(sets, workers, windows=None):
         chosen = windows if windows is not None else [ws.pending for ws in sets]
         refined.append(sum(len(c) for c in chosen))
         return original(sets, workers, windows)
 
-    monkeypatch.setattr(analysis, "refine_deferred", counting)
+    monkeypatch.setattr(layer_spectra, "refine_deferred", counting)
     return refined
 
 
@@ -221,3 +221,17 @@ def test_certificate_path_equals_the_fully_refined_path_on_minilm(monkeypatch, p
             for field in ("alpha", "xmin", "D", "entropy", "log_alpha_norm", "lambda_max"):
                 assert getattr(a, field) == pytest.approx(getattr(b, field), rel=1e-9), (name, method, field)
     assert sum(refined) < 10  # the certificate settles (nearly) every layer without the SVD
+
+
+def test_a_failing_refinement_fails_only_its_layer(monkeypatch):
+    """An SVD that raises while refining one layer gives that layer a reason, never a crashed analysis."""
+    model = _layer_from(_planted(1e-29))  # needs refinement (a possible numerical zero)
+    model.append(torch.nn.Linear(180, 180, bias=False).double())  # needs none
+
+    def broken(sets, workers, windows=None):
+        raise RuntimeError("SVD did not converge")
+
+    monkeypatch.setattr(layer_spectra, "refine_deferred", broken)
+    report = analyze(model, window=60, windows_per_dim=3, min_window_side=2, random_baseline=False)
+    assert report["0"].status == "failed" and "eigenvalue error" in report["0"].reason
+    assert report["1"].status == "ok" and report["1"].alpha is not None

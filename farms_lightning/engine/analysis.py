@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from farms_lightning.engine.baseline import random_baselines, with_baseline
-from farms_lightning.engine.certificate import fit_certain, metrics_certain, zeros_certain
 from farms_lightning.engine.esd_metrics import ESD_METRIC_NAMES, esd_metrics
 from farms_lightning.engine.layer_plans import MIN_WINDOW_SIDE, plan_layer
+from farms_lightning.engine.layer_spectra import refine_all, solve_all, spectrum_certain
 from farms_lightning.engine.matrix_metrics import MATRIX_METRIC_NAMES, conv_matrices, whole_matrix_metrics
 from farms_lightning.engine.powerlaw import (
     PowerLawFit,
@@ -27,13 +27,7 @@ from farms_lightning.engine.powerlaw import (
     validate_fit_args,
 )
 from farms_lightning.engine.report import FARMSReport, LayerStats
-from farms_lightning.engine.spectra import (
-    DTypeLike,
-    WindowSet,
-    refine_deferred,
-    resolve_dtype,
-    solve_window_sets,
-)
+from farms_lightning.engine.spectra import DTypeLike, WindowSet, resolve_dtype
 from farms_lightning.engine.threads import parallel_map, single_threaded_ops
 from farms_lightning.engine.windows import validate_window_args
 from farms_lightning.models.layers import LayerMatrix, LayerTypes, Patterns, discover_layers
@@ -195,7 +189,7 @@ def analyze_layers(
     with torch.no_grad(), single_threaded_ops():  # parallel work runs on a pool instead (threads.py)
         plans = [plan_layer(layer, settings, owners, i in todo) for i, layer in enumerate(layers)]
         sets = [p for p in plans if isinstance(p, WindowSet)]
-        spectra = _solve_all(sets, settings["dtype"], workers, _window_reporter(plans, on_windows), defer)
+        spectra = solve_all(sets, settings["dtype"], workers, _window_reporter(plans, on_windows), defer)
 
         def finish(item: tuple[LayerMatrix, LayerStats | WindowSet | None]) -> LayerStats | WindowSet | None:
             """The layer's statistics; its window set when they depend on deferred values (refine it)."""
@@ -220,7 +214,7 @@ def analyze_layers(
                 break
             chosen = [plans[i] for i in uncertain]
             suspects = [ws.first_suspects() for ws in chosen] if stage == "suspects" else None  # type: ignore[union-attr]
-            for i, ev in zip(uncertain, refine_deferred(chosen, workers, suspects)):  # type: ignore[arg-type]
+            for i, ev in zip(uncertain, refine_all(chosen, workers, suspects)):  # type: ignore[arg-type]
                 spectra[id(plans[i])] = ev
             defer = stage == "suspects"
             for i, found in zip(uncertain, parallel_map(finish, [(layers[i], plans[i]) for i in uncertain], workers)):
@@ -297,31 +291,6 @@ def _window_reporter(
     return solved
 
 
-def _solve_all(
-    window_sets: list[WindowSet], dtype: DTypeLike, workers: int, on_solved: Callable[[WindowSet, int], None] | None,
-    defer: bool = False,
-) -> dict[int, list[torch.Tensor] | Exception]:
-    """Eigenvalues of every set, batched; on an error, set by set so one bad layer fails alone.
-
-    Deferred sets are only solved here (empty lists): their eigenvalues are sorted by the fits, in parallel.
-    """
-    def solved(ws: WindowSet) -> list[torch.Tensor]:
-        return [] if defer else ws.eigenvalues()
-
-    try:
-        solve_window_sets(window_sets, dtype, workers, on_solved, defer_refinement=defer)
-        return {id(ws): solved(ws) for ws in window_sets}
-    except Exception:  # noqa: BLE001
-        out: dict[int, list[torch.Tensor] | Exception] = {}
-        for ws in window_sets:
-            try:  # (no window progress: the layer's end covers it)
-                solve_window_sets([ws], dtype, workers, defer_refinement=defer)
-                out[id(ws)] = solved(ws)
-            except Exception as error:  # noqa: BLE001
-                out[id(ws)] = error
-        return out
-
-
 def _fit_layer(
     layer: LayerMatrix, spectra: list[torch.Tensor] | Exception, weight_dtype: torch.dtype, settings: dict[str, Any],
     whole_matrix: bool = True, errors: list[torch.Tensor] | None = None, warm: list | None = None,
@@ -343,7 +312,7 @@ def _fit_layer(
         values, dropped = nonzero_eigenvalues(ev)
         fit = fit_nonzero(values, dropped, settings["fit"], settings["min_eigenvalues"], settings["peak_bound"],
                           flat_tolerance_for(weight_dtype))
-        if errors is not None and not _certain(ev, errors[group], values, fit, settings):
+        if errors is not None and not spectrum_certain(ev, errors[group], values, fit, settings):
             return None
         fits.append(fit)
         metrics.append(esd_metrics(values, fit.alpha))
@@ -366,19 +335,6 @@ def _fit_layer(
         alpha=alpha, xmin=_mean([f.xmin for f in fits]), D=_mean([f.D for f in fits]),
         **counts, **spectral,
     )
-
-
-def _certain(
-    ev: torch.Tensor, errors: torch.Tensor, values: torch.Tensor, fit: PowerLawFit, settings: dict[str, Any]
-) -> bool:
-    """Whether the counts, the fit and the ESD metrics of one ESD hold for every value within ``errors``."""
-    if not bool((errors > 0).any()):
-        return True
-    if not bool(torch.isfinite(ev).all()) or not zeros_certain(ev, errors):
-        return False
-    kept = errors[len(ev) - len(values):]  # nonzero_eigenvalues drops the smallest (sorted) values
-    return (fit_certain(values, kept, fit, settings["fit"], settings["peak_bound"])
-            and metrics_certain(values, kept, fit.alpha))
 
 
 def _whole_matrix(layer: LayerMatrix, spectra: list[torch.Tensor], settings: dict[str, Any],
