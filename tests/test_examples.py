@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Modules of benchmarks/ that the benchmark scripts import; they are not scripts themselves.
-BENCH_MODULES = ("bench_common.py", "bench_models.py", "bench_published.py", "bench_rows.py")
+BENCH_MODULES = ("bench_common.py", "bench_models.py", "bench_published.py", "bench_rows.py", "bench_targets.py")
 SCRIPTS = sorted(p for folder in ("examples", "benchmarks") for p in (ROOT / folder).glob("*.py")
                  if not p.name.startswith("_") and p.name not in BENCH_MODULES)
 HELPERS = sorted([*(ROOT / "examples").glob("_*.py"), *(ROOT / "benchmarks" / name for name in BENCH_MODULES)])
