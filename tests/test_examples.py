@@ -54,7 +54,7 @@ def test_every_script_answers_help_without_running():
 @pytest.mark.slow
 def test_helper_modules_do_nothing_when_run():
     """Run as a script, an imported module defines its names and exits, printing nothing."""
-    assert len(HELPERS) == 5
+    assert len(HELPERS) == 6
     running = {p.name: subprocess.Popen([sys.executable, str(p)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, env=_env(), cwd=p.parent) for p in HELPERS}
     for name, process in running.items():

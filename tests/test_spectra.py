@@ -89,3 +89,14 @@ def test_rank_deficient_matrix_keeps_its_zeros():
     assert len(ev) == 100
     assert int((ev > 1e-12 * ev[-1]).sum()) == 5
     assert math.isclose(float(ev.sum()), float((w.double() ** 2).sum()), rel_tol=1e-10)
+
+
+def test_windows_solved_on_the_pool_give_the_same_bits_every_time():
+    """Pool threads run torch ops on one thread each: a window's eigenvalues never depend on how the
+    cores were shared (they did, in the last bits, when a pool thread kept OpenMP's default)."""
+    from farms_lightning.engine.spectra import WindowSet, compute_spectra
+
+    w = heavy_tailed(100, 90, seed=2)
+    runs = [compute_spectra([WindowSet(w.unsqueeze(0), farms_grid(100, 90, 100, 1.0, 9))], workers=2)[0][0]
+            for _ in range(8)]
+    assert all(torch.equal(run, runs[0]) for run in runs)

@@ -36,5 +36,9 @@ def parallel_map(function: Callable[[T], R], items: Iterable[T], workers: int) -
     items = list(items)
     if workers <= 1 or len(items) <= 1:
         return [function(x) for x in items]
-    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+    # Each worker sets its own intra-op thread count: OpenMP's is per thread, so a pool thread would
+    # otherwise run torch ops on every core, beside the other workers: slower, and its results then
+    # depended on how the cores were shared (the same window gave different last bits run to run).
+    with ThreadPoolExecutor(max_workers=min(workers, len(items)), initializer=torch.set_num_threads,
+                            initargs=(1,)) as pool:
         return list(pool.map(function, items))
