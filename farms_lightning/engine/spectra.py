@@ -126,14 +126,11 @@ class WindowSet:
             target.copy_(self.matrices[p, start:start + rows, col:col + cols])
 
     def extract(self, index: torch.Tensor) -> torch.Tensor:
-        """The windows named by ``index`` rows, as a ``(B, rows, cols)`` copy."""
-        device = self.matrices.device
-        row_starts = torch.tensor(self.grid.row_starts, device=device)[index[:, 1].to(device)]
-        col_starts = torch.tensor(self.grid.col_starts, device=device)[index[:, 2].to(device)]
-        rows = row_starts[:, None] + torch.arange(self.grid.rows, device=device)
-        cols = col_starts[:, None] + torch.arange(self.grid.cols, device=device)
-        mats = index[:, 0].to(device)
-        return self.matrices[mats[:, None, None], rows[:, :, None], cols[:, None, :]]
+        """The windows named by ``index`` rows, as a ``(B, rows, cols)`` copy in the stored dtype."""
+        out = torch.empty((len(index), self.grid.rows, self.grid.cols), dtype=self.matrices.dtype,
+                          device=self.matrices.device)
+        self.extract_into(out, index)
+        return out
 
     def first_suspects(self) -> torch.Tensor:
         """Deferred windows most likely to decide a certificate: refining them alone often settles it.
