@@ -312,10 +312,11 @@ def _fit_layer(
         values, dropped = nonzero_eigenvalues(ev)
         fit = fit_nonzero(values, dropped, settings["fit"], settings["min_eigenvalues"], settings["peak_bound"],
                           flat_tolerance_for(weight_dtype))
-        if errors is not None and not spectrum_certain(ev, errors[group], values, fit, settings):
+        found = esd_metrics(values, fit.alpha)
+        if errors is not None and not spectrum_certain(ev, errors[group], values, fit, settings, found):
             return None
         fits.append(fit)
-        metrics.append(esd_metrics(values, fit.alpha))
+        metrics.append(found)
     counts: dict[str, Any] = {"num_evals": sum(f.num_evals for f in fits),
                               "num_dropped": sum(f.num_dropped for f in fits)}
     spectral: dict[str, Any] = {name: _mean([m[name] for m in metrics]) for name in ESD_METRIC_NAMES}

@@ -77,20 +77,23 @@ def fit_certain(values: torch.Tensor, errors: torch.Tensor, fit: PowerLawFit, me
     return _distances_exceed(values, low_sorted, high_sorted, above, candidates, fit.D + DISTANCE_SLACK)
 
 
-def metrics_certain(values: torch.Tensor, errors: torch.Tensor, alpha: float | None) -> bool:
+def metrics_certain(
+    values: torch.Tensor, errors: torch.Tensor, alpha: float | None, at_values: dict[str, float | None] | None = None
+) -> bool:
     """Whether ``entropy`` and ``log_alpha_norm`` stay within ``METRIC_RTOL`` for every value in ``± errors``.
 
     With ``S = Σλ`` and ``G = Σ λ ln λ``, ``entropy · ln n = ln S - G/S``, which rises with every value
     below the p-weighted mean log ``G/S`` (checked for the uncertain ones, with a margin);
     ``log_alpha_norm = log10 Σ λ^alpha`` rises with every value. So both are bracketed by their values
     with every uncertain value at its lower and at its upper end: the certain part is summed once.
+    ``at_values``: the metrics of ``values`` when the caller has them (``esd_metrics(values, alpha)``).
     """
     uncertain = errors > 0
     if not bool(uncertain.any()):
         return True
     certain = values[~uncertain]
     ends = (values[uncertain] - errors[uncertain], values[uncertain] + errors[uncertain])
-    at_values = esd_metrics(values, alpha)
+    at_values = esd_metrics(values, alpha) if at_values is None else at_values
     log_certain = torch.log(certain)
     s_certain, g_certain = float(certain.sum()), float((certain * log_certain).sum())
     brackets: dict[str, list[float]] = {"entropy": [], "log_alpha_norm": []}

@@ -58,13 +58,17 @@ def refine_all(
 
 
 def spectrum_certain(
-    ev: torch.Tensor, errors: torch.Tensor, values: torch.Tensor, fit: PowerLawFit, settings: dict[str, Any]
+    ev: torch.Tensor, errors: torch.Tensor, values: torch.Tensor, fit: PowerLawFit, settings: dict[str, Any],
+    metrics: dict[str, float | None] | None = None,
 ) -> bool:
-    """Whether the counts, the fit and the ESD metrics of one ESD hold for every value within ``errors``."""
+    """Whether the counts, the fit and the ESD metrics of one ESD hold for every value within ``errors``.
+
+    ``metrics``: ``esd_metrics(values, fit.alpha)`` when the caller has computed them already.
+    """
     if not bool((errors > 0).any()):
         return True
     if not bool(torch.isfinite(ev).all()) or not zeros_certain(ev, errors):
         return False
     kept = errors[len(ev) - len(values):]  # nonzero_eigenvalues drops the smallest (sorted) values
     return (fit_certain(values, kept, fit, settings["fit"], settings["peak_bound"])
-            and metrics_certain(values, kept, fit.alpha))
+            and metrics_certain(values, kept, fit.alpha, metrics))
